@@ -1,0 +1,82 @@
+"""scoopy: structured cooperation for Python services on PostgreSQL."""
+
+from .context import ContextKey, CooperationContext
+from .cooperation import Cooperation, Event, Outcome, RunHandle, RunSummary
+from .deadlines import (
+    ABSOLUTE_DEADLINE,
+    HAPPY_PATH_DEADLINE,
+    ROLLBACK_DEADLINE,
+    Deadline,
+    deadline,
+)
+from .errors import (
+    DatabaseUnavailableError,
+    HierarchyTooDeepError,
+    InvalidNameError,
+    PayloadError,
+    SagaDefinitionError,
+    SchemaVersionError,
+    ScoopyError,
+)
+from .failure import (
+    CancellationRequested,
+    ChildRollbackFailed,
+    ChildRolledBack,
+    CooperationError,
+    CooperationFailure,
+    DeadlineMissed,
+    Frame,
+    GaveUp,
+    ParentSaidSo,
+    RetriesExhausted,
+    RollbackFailed,
+    RollbackRequested,
+)
+from .message import Message, Topic
+from .saga import NextStep, RetryPolicy, Saga, Step
+from .scope import Scope, current_scope
+from .strategy import EventLoopStrategy, RunView
+
+__all__ = [
+    "ABSOLUTE_DEADLINE",
+    "HAPPY_PATH_DEADLINE",
+    "ROLLBACK_DEADLINE",
+    "CancellationRequested",
+    "ChildRollbackFailed",
+    "ChildRolledBack",
+    "ContextKey",
+    "Cooperation",
+    "CooperationContext",
+    "CooperationError",
+    "CooperationFailure",
+    "DatabaseUnavailableError",
+    "Deadline",
+    "DeadlineMissed",
+    "Event",
+    "EventLoopStrategy",
+    "Frame",
+    "GaveUp",
+    "HierarchyTooDeepError",
+    "InvalidNameError",
+    "Message",
+    "NextStep",
+    "Outcome",
+    "ParentSaidSo",
+    "PayloadError",
+    "RetriesExhausted",
+    "RetryPolicy",
+    "RollbackFailed",
+    "RollbackRequested",
+    "RunHandle",
+    "RunSummary",
+    "RunView",
+    "Saga",
+    "SagaDefinitionError",
+    "SchemaVersionError",
+    "ScoopyError",
+    "Scope",
+    "Step",
+    "Topic",
+    "current_scope",
+    "deadline",
+]

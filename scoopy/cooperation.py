@@ -1,0 +1,526 @@
+"""Cooperation: the entry point — connect, migrate, subscribe sagas, launch, wait, inspect."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import asyncpg
+import msgspec
+import structlog
+
+from .context import CooperationContext
+from .engine import migrate as migrations
+from .engine.runner import Advanced, Binding, RollbackRequest, Runner
+from .engine.store import Connection, NewMessage, Store
+from .engine.worker import Worker
+from .errors import DatabaseUnavailableError, SagaDefinitionError, ScoopyError, check_schema
+from .failure import (
+    CancellationRequested,
+    CooperationError,
+    CooperationFailure,
+    RollbackRequested,
+)
+from .ids import uuid7
+from .message import Topic, as_topic
+from .postgres import embedded_dsn
+from .saga import Saga
+from .scope import ContextArg
+
+log = structlog.get_logger("scoopy")
+
+Status = Literal["committed", "rolled_back", "rollback_failed"]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of a hierarchy's event log."""
+
+    seq: int
+    type: str
+    saga: str | None
+    step: str | None
+    run_id: uuid.UUID | None
+    message_id: uuid.UUID | None
+    root_id: uuid.UUID
+    lineage: list[uuid.UUID]
+    worker: str | None
+    failure: CooperationFailure | None
+    context: dict[str, Any] | None
+    time: datetime
+    phase: str | None = None
+    instance: int | None = None
+    iteration: int | None = None
+    handler_iteration: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    id: uuid.UUID
+    saga: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a hierarchy ended: every run its root message started has finished."""
+
+    id: uuid.UUID
+    status: Status
+    failure: CooperationFailure | None
+    runs: tuple[RunSummary, ...]
+
+    def raise_for_failure(self) -> None:
+        """Raise the failure (a `CooperationError`) unless the hierarchy committed."""
+        if self.failure is not None:
+            raise self.failure.to_exception()
+
+
+class RunHandle:
+    """A launched message and the hierarchy it started."""
+
+    def __init__(self, coop: Cooperation, root_id: uuid.UUID, topic: str) -> None:
+        self.coop = coop
+        self.id = root_id
+        self.topic = topic
+
+    async def wait(self, timeout: float | None = None) -> Outcome:
+        """Wait until every run the message started has finished (TimeoutError after `timeout`)."""
+        return await self.coop.wait(self.id, timeout)
+
+    async def events(self) -> list[Event]:
+        return await self.coop.events(self.id)
+
+    def __repr__(self) -> str:
+        return f"<RunHandle {self.topic} {self.id}>"
+
+
+def _resolve_dsn(dsn: str | None) -> str | None:
+    return dsn or os.environ.get("SCOOPY_DSN") or None
+
+
+def _redact(dsn: str) -> str:
+    if "@" in dsn and "://" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return dsn
+
+
+class Cooperation:
+    """Connects to PostgreSQL (embedded when no DSN), runs the sagas subscribed to it.
+
+    Use as `async with Cooperation(dsn) as coop:`. `listen=False` is the poll-only mode for
+    connection poolers that do not pass LISTEN/NOTIFY (PgBouncer in transaction mode).
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = "scoopy",
+        migrate: bool = True,
+        listen: bool = True,
+        poll_interval: float | None = None,
+        worker: bool = True,
+        pool_size: int = 20,
+        max_depth: int = 64,
+        shutdown_grace: float = 30.0,
+        connect_timeout: float = 10.0,
+        data_dir: Path | str | None = None,
+        server_settings: dict[str, str] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.schema = check_schema(schema)
+        self.migrate = migrate
+        self.listen = listen
+        self.poll_interval = poll_interval or (1.0 if listen else 0.25)
+        self.run_worker = worker
+        self.pool_size = pool_size
+        self.max_depth = max_depth
+        self.shutdown_grace = shutdown_grace
+        self.connect_timeout = connect_timeout
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.server_settings = {"jit": "off", "application_name": "scoopy"}
+        self.server_settings.update(server_settings or {})
+        self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{uuid7().hex[-8:]}"
+        self.store = Store(schema)
+        self.bindings: dict[str, Binding] = {}
+        self._unsynced: list[tuple[Literal["+", "-"], str, str]] = []
+        self._sync_lock = anyio.Lock()
+        self._waiters: dict[uuid.UUID, set[anyio.Event]] = {}
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._worker: Worker | None = None
+        self._stack: AsyncExitStack | None = None
+        self._resolved_dsn: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Cooperation:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._stack is not None:
+            raise ScoopyError("this Cooperation is already started")
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            dsn = _resolve_dsn(self.dsn)
+            if dsn is None:
+                dsn = await anyio.to_thread.run_sync(embedded_dsn, self.data_dir)
+            self._resolved_dsn = dsn
+            self._pool = await self._connect_pool(dsn)
+            stack.push_async_callback(self._close_pool)
+            async with self._pool.acquire() as conn:
+                if self.migrate:
+                    await migrations.migrate(conn, self.store)
+                else:
+                    await migrations.ensure_current(conn, self.store)
+            await self._sync_subscriptions()
+            if self.run_worker:
+                runner = Runner(
+                    self.store,
+                    self.worker_id,
+                    listen=self.listen,
+                    max_depth=self.max_depth,
+                    on_committed=self._on_committed,
+                )
+                self._worker = Worker(
+                    self._pool,
+                    self.store,
+                    runner,
+                    listen=self.listen,
+                    poll_interval=self.poll_interval,
+                    connect_listener=self._connect_listener,
+                    on_root_done=self._root_done,
+                )
+                for binding in self.bindings.values():
+                    self._worker.serve(binding)
+                tg = await stack.enter_async_context(anyio.create_task_group())
+                await tg.start(self._worker.run)
+                stack.push_async_callback(self._stop_worker)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+
+    async def close(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _stop_worker(self) -> None:
+        if self._worker is not None:
+            await self._worker.stop(self.shutdown_grace)
+
+    async def _close_pool(self) -> None:
+        if self._pool is not None:
+            with anyio.CancelScope(shield=True):
+                await self._pool.close()
+
+    async def _connect_pool(self, dsn: str) -> asyncpg.Pool[asyncpg.Record]:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout,
+                server_settings=self.server_settings,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise DatabaseUnavailableError(
+                f"could not connect to PostgreSQL at {_redact(dsn)}: {exc}"
+            ) from exc
+        assert pool is not None
+        return pool
+
+    async def _connect_listener(self) -> asyncpg.Connection[asyncpg.Record]:
+        assert self._resolved_dsn is not None
+        return await asyncpg.connect(
+            self._resolved_dsn,
+            timeout=self.connect_timeout,
+            server_settings={"application_name": "scoopy-listen"},
+        )
+
+    @property
+    def pool(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._pool is None:
+            raise ScoopyError("the Cooperation is not started: use `async with Cooperation(...)`")
+        return self._pool
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def subscribe(self, topic: Topic[Any] | str, saga: Saga) -> None:
+        """Run `saga` for every message on `topic` (persisted in the `subscription` table)."""
+        resolved = as_topic(topic)
+        saga.validate()
+        binding = self.bindings.get(saga.name)
+        if binding is None:
+            binding = self.bindings[saga.name] = Binding(saga)
+        elif binding.saga is not saga:
+            raise SagaDefinitionError(
+                f"another saga named {saga.name!r} is already subscribed here"
+            )
+        binding.topics[resolved.name] = resolved
+        self._unsynced.append(("+", resolved.name, saga.name))
+        if self._worker is not None:
+            self._worker.serve(binding)
+
+    def unsubscribe(self, topic: Topic[Any] | str, saga: Saga) -> None:
+        """Stop starting `saga` for new messages on `topic`; its unfinished runs still run."""
+        name = as_topic(topic).name
+        binding = self.bindings.get(saga.name)
+        if binding is not None:
+            binding.topics.pop(name, None)
+        self._unsynced.append(("-", name, saga.name))
+
+    async def _sync_subscriptions(self) -> None:
+        if not self._unsynced:
+            return
+        async with self._sync_lock:
+            changes, self._unsynced = self._unsynced, []
+            if not changes:
+                return
+            async with self.pool.acquire() as conn, conn.transaction():
+                for sign, topic, saga in changes:
+                    if sign == "+":
+                        await self.store.subscribe(conn, [(topic, saga)])
+                    else:
+                        await self.store.unsubscribe(conn, topic, saga)
+
+    async def subscriptions(self) -> list[tuple[str, str]]:
+        """Every (topic, saga) pair in the registry, from all services."""
+        await self._sync_subscriptions()
+        async with self.pool.acquire() as conn:
+            return await self.store.subscriptions(conn)
+
+    # -- launching -------------------------------------------------------------------------
+
+    def _topic(self, topic: Topic[Any] | str) -> Topic[Any]:
+        if isinstance(topic, Topic):
+            return topic
+        for binding in self.bindings.values():
+            known = binding.topics.get(topic)
+            if known is not None:
+                return known
+        return Topic(topic)
+
+    async def launch(
+        self,
+        topic: Topic[Any] | str,
+        payload: Any,
+        context: ContextArg = None,
+        connection: Connection | None = None,
+    ) -> RunHandle:
+        """Launch a root message. With `connection`, it joins that open transaction (outbox)."""
+        resolved = self._topic(topic)
+        body = resolved.encode(payload)
+        encoded = CooperationContext.coerce(context).encode()
+        root = uuid7()
+        message = NewMessage(
+            id=root,
+            root_id=root,
+            topic=resolved.name,
+            payload=body.decode(),
+            context=None if encoded is None else encoded.decode(),
+            instance=None,
+        )
+        await self._sync_subscriptions()
+        if connection is not None:
+            sagas = await self.store.launch(connection, message, self.worker_id, self.listen)
+        else:
+            async with self.pool.acquire() as conn:
+                sagas = await self.store.launch(conn, message, self.worker_id, self.listen)
+            for saga in sagas:
+                self._wake(saga)
+        return RunHandle(self, root, resolved.name)
+
+    def handle(self, root_id: uuid.UUID | str) -> RunHandle:
+        """A handle for a hierarchy launched earlier (by id)."""
+        return RunHandle(self, uuid.UUID(str(root_id)), "")
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _wake(self, saga: str) -> None:
+        if self._worker is not None:
+            self._worker.wake(saga)
+
+    def _on_committed(self, advanced: Advanced) -> None:
+        for saga in advanced.ready_sagas:
+            self._wake(saga)
+        if advanced.root_done is not None:
+            self._root_done(advanced.root_done)
+
+    def _root_done(self, root_id: uuid.UUID | None) -> None:
+        """Wake whoever waits for `root_id` (None: everyone, after a lost connection)."""
+        targets = self._waiters.values() if root_id is None else [self._waiters.get(root_id, set())]
+        for events in targets:
+            for event in events:
+                event.set()
+
+    async def wait(self, root_id: uuid.UUID, timeout: float | None = None) -> Outcome:
+        with anyio.fail_after(timeout):
+            while True:
+                event = anyio.Event()
+                self._waiters.setdefault(root_id, set()).add(event)
+                try:
+                    outcome = await self.outcome(root_id)
+                    if outcome is not None:
+                        return outcome
+                    with anyio.move_on_after(self.poll_interval):
+                        await event.wait()
+                finally:
+                    waiting = self._waiters.get(root_id)
+                    if waiting is not None:
+                        waiting.discard(event)
+                        if not waiting:
+                            del self._waiters[root_id]
+
+    async def outcome(self, root_id: uuid.UUID) -> Outcome | None:
+        """The hierarchy's outcome, or None while any of its root runs is unfinished."""
+        async with self.pool.acquire() as conn:
+            runs = await self.store.root_runs(conn, root_id)
+            if not runs and not await self.store.message_exists(conn, root_id):
+                raise LookupError(f"no message {root_id} in schema {self.schema!r}")
+        if any(run.status in ("pending", "active") for run in runs):
+            return None
+        failures: list[CooperationFailure] = []
+        status: Status = "committed"
+        for run in runs:
+            if run.status == "rollback_failed":
+                status = "rollback_failed"
+                if run.rollback_failure is not None:
+                    failures.append(CooperationFailure.from_json(run.rollback_failure))
+            elif run.status == "rolled_back":
+                if status == "committed":
+                    status = "rolled_back"
+                if run.failure is not None:
+                    failures.append(CooperationFailure.from_json(run.failure))
+        failure = None
+        if len(failures) == 1:
+            failure = failures[0]
+        elif failures:
+            failure = CooperationFailure(
+                type=CooperationError.wire_type,
+                message=f"{len(failures)} runs started by message {root_id} failed",
+                source="scoopy",
+                causes=failures,
+            )
+        summaries = tuple(RunSummary(run.id, run.saga, run.status) for run in runs)
+        return Outcome(root_id, status, failure, summaries)
+
+    # -- inspecting ------------------------------------------------------------------------
+
+    async def events(self, root_id: uuid.UUID) -> list[Event]:
+        """The hierarchy's event log, in order."""
+        async with self.pool.acquire() as conn:
+            rows = await self.store.events(conn, root_id)
+        return [
+            Event(
+                seq=row["seq"],
+                type=row["type"],
+                saga=row["saga"],
+                step=row["step"],
+                run_id=row["run_id"],
+                message_id=row["message_id"],
+                root_id=row["root_id"],
+                lineage=list(row["lineage"]),
+                worker=row["worker"],
+                failure=None
+                if row["failure"] is None
+                else CooperationFailure.from_json(row["failure"]),
+                context=None if row["context"] is None else msgspec.json.decode(row["context"]),
+                time=row["created_at"],
+                phase=row["phase"],
+                instance=row["instance"],
+                iteration=row["iteration"],
+                handler_iteration=row["handler_iteration"],
+            )
+            for row in rows
+        ]
+
+    async def runs(self, root_id: uuid.UUID) -> list[dict[str, Any]]:
+        """Every run of a hierarchy (for tooling: `scoopy tree`)."""
+        async with self.pool.acquire() as conn:
+            return [dict(row) for row in await self.store.runs_of(conn, root_id)]
+
+    # -- control ---------------------------------------------------------------------------
+
+    async def _locate(
+        self, conn: Connection, target: uuid.UUID
+    ) -> tuple[uuid.UUID, list[uuid.UUID]]:
+        found = await self.store.find_root(conn, target)
+        if found is None:
+            raise LookupError(f"no run or root message {target} in schema {self.schema!r}")
+        return found
+
+    async def cancel(self, run_id: uuid.UUID | str, reason: str, source: str = "operator") -> bool:
+        """Ask a hierarchy (or the sub-tree under one run) to give up and roll back.
+
+        Returns False if cancellation had already been requested for that target.
+        """
+        target = uuid.UUID(str(run_id))
+        failure = CancellationRequested.build(reason, source).failure
+        async with self.pool.acquire() as conn, conn.transaction():
+            root_id, lineage = await self._locate(conn, target)
+            inserted = await self.store.cancel(
+                conn,
+                target,
+                root_id,
+                lineage,
+                failure.to_json().decode(),
+                self.worker_id,
+                self.listen,
+            )
+        if self._worker is not None:
+            self._worker.wake_all()
+        return inserted
+
+    async def rollback(
+        self, run_id: uuid.UUID | str, reason: str, source: str = "operator"
+    ) -> RunHandle:
+        """Undo a finished, committed hierarchy (or one committed run's sub-tree)."""
+        target = uuid.UUID(str(run_id))
+        failure = RollbackRequested.build(reason, source).failure
+        request = msgspec.json.encode(RollbackRequest("external", failure)).decode()
+        async with self.pool.acquire() as conn, conn.transaction():
+            root_id, _ = await self._locate(conn, target)
+            candidates = await self.store.undo_candidates(conn, root_id, target)
+            if await self.store.unfinished(conn, root_id):
+                raise ScoopyError(
+                    f"hierarchy {root_id} is still running: cancel it instead of undoing it"
+                )
+            if not candidates:
+                raise ScoopyError(f"{target} started no runs: there is nothing to undo")
+            not_committed = [row for row in candidates if row["status"] != "committed"]
+            if not_committed:
+                states = ", ".join(f"{row['saga']} is {row['status']}" for row in not_committed)
+                raise ScoopyError(f"only committed runs can be undone: {states}")
+            await self.store.undo(
+                conn,
+                [row["id"] for row in candidates],
+                request,
+                failure.to_json().decode(),
+                self.worker_id,
+                self.listen,
+            )
+        if self._worker is not None:
+            self._worker.wake_all()
+        return RunHandle(self, root_id, "")

@@ -1,0 +1,559 @@
+"""Advance one claimed run inside one transaction: the machine decides, the runner does."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import anyio
+import asyncpg
+import msgspec
+import structlog
+
+from ..context import CooperationContext
+from ..failure import (
+    NO_MESSAGE,
+    CooperationFailure,
+    GaveUp,
+    ParentSaidSo,
+    failure_from_exception,
+)
+from ..message import Message, Topic
+from ..saga import Saga
+from ..scope import Scope, _current
+from ..strategy import EventLoopStrategy, RunView
+from .machine import (
+    USER_CODE,
+    Again,
+    ChildOutcome,
+    Compensate,
+    EventSpec,
+    EventType,
+    Finish,
+    HandleChildren,
+    Instance,
+    Invoke,
+    Machine,
+    NeedHistory,
+    RollbackChildren,
+    RunState,
+    SkipUnstarted,
+    Transition,
+    Wait,
+    Wake,
+)
+from .store import Claimed, Connection, EventRow, RunWrite, Store
+
+log = structlog.get_logger("scoopy")
+
+# Errors that say nothing about the step's business logic: the connection or the server
+# failed. The transaction is abandoned and the run is retried; never rolled back for them.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    ConnectionError,
+    TimeoutError,
+)
+
+_state_decoder = msgspec.json.Decoder(RunState)
+_state_encoder = msgspec.json.Encoder()
+
+
+class RollbackRequest(msgspec.Struct, frozen=True):
+    """What a parent or an operator writes on a run to make it roll back."""
+
+    origin: Literal["parent", "external"]
+    cause: CooperationFailure
+
+
+_request_decoder = msgspec.json.Decoder(RollbackRequest)
+
+
+@dataclass
+class Binding:
+    """A saga served by this process, with the topics it listens on and its strategy."""
+
+    saga: Saga
+    topics: dict[str, Topic[Any]] = field(default_factory=dict)
+
+    @property
+    def strategy(self) -> EventLoopStrategy:
+        from ..strategy import DEFAULT_STRATEGY
+
+        return self.saga.strategy or DEFAULT_STRATEGY
+
+    def topic(self, name: str) -> Topic[Any]:
+        return self.topics.get(name) or Topic(name)
+
+
+@dataclass
+class Advanced:
+    """What one transaction did, for the worker to act on after commit."""
+
+    ready_sagas: set[str] = field(default_factory=set)
+    root_done: uuid.UUID | None = None
+    events: list[EventRow] = field(default_factory=list)
+
+
+def _json(failure: CooperationFailure | None) -> str | None:
+    return None if failure is None else failure.to_json().decode()
+
+
+def _text(data: bytes | None) -> str | None:
+    return None if data is None else data.decode()
+
+
+class Runner:
+    """Runs steps for the sagas of one `Cooperation`."""
+
+    def __init__(
+        self,
+        store: Store,
+        worker: str,
+        *,
+        listen: bool,
+        max_depth: int,
+        on_committed: Callable[[Advanced], None],
+    ) -> None:
+        self.store = store
+        self.worker = worker
+        self.listen = listen
+        self.max_depth = max_depth
+        self.on_committed = on_committed
+        self._strikes: dict[uuid.UUID, int] = {}
+
+    async def run_next(self, conn: Connection, binding: Binding) -> bool:
+        """Claim one ready run of `binding`'s saga and advance it; False if none was ready."""
+        claimed: Claimed | None = None
+        try:
+            async with conn.transaction():
+                claimed = await self.store.claim(conn, binding.saga.name)
+                if claimed is None:
+                    return False
+                advanced = await _Advance(self, conn, binding, claimed).advance()
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            if claimed is not None and not conn.is_closed():
+                # A run we cannot advance must not starve the runs queued behind it.
+                strikes = self._strikes.get(claimed.id, 0) + 1
+                self._strikes[claimed.id] = strikes
+                delay = min(300.0, 0.5 * 2**strikes)
+                await self.store.defer(conn, claimed.id, delay)
+                log.error(
+                    "could not advance run; deferred",
+                    saga=binding.saga.name,
+                    run_id=str(claimed.id),
+                    error=repr(exc),
+                    retry_in=delay,
+                )
+            raise
+        self._strikes.pop(claimed.id, None)
+        self.on_committed(advanced)
+        _log_events(advanced.events, self.worker)
+        return True
+
+
+class _Advance:
+    """One transaction's worth of progress for one run."""
+
+    def __init__(self, runner: Runner, conn: Connection, binding: Binding, claimed: Claimed):
+        self.runner = runner
+        self.store = runner.store
+        self.conn = conn
+        self.binding = binding
+        self.saga = binding.saga
+        self.run = claimed
+        self.source = f"{self.saga.name}[{claimed.id}]"
+        self.machine = Machine(self.saga.steps, self.saga.name, self.source)
+        self.context = CooperationContext.decode(claimed.context)
+        self.cancellation = (
+            None
+            if claimed.cancellation is None
+            else CooperationFailure.from_json(claimed.cancellation)
+        )
+        self.started_at = time.monotonic()
+        self.events: list[EventRow] = []
+        self.notify: list[str] = []
+        self.ready_sagas: set[str] = set()
+        self.message: Message[Any] | None = None
+        self.pending = claimed.pending
+        self.reset_failed = False
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return self.run.now + timedelta(seconds=time.monotonic() - self.started_at)
+
+    def view(self, state: RunState) -> RunView:
+        return RunView(
+            run_id=str(self.run.id),
+            saga=self.saga.name,
+            path=state.path,
+            now=self.now(),
+            context=self.context,
+            cancellation=self.cancellation,
+        )
+
+    def add(self, spec: EventSpec) -> None:
+        self.events.append(
+            EventRow(
+                root_id=self.run.root_id,
+                type=spec.type,
+                lineage=self.run.lineage,
+                message_id=self.run.message_id,
+                run_id=self.run.id,
+                saga=self.saga.name,
+                step=spec.step,
+                phase=spec.phase,
+                step_index=spec.step_index,
+                instance=spec.instance,
+                iteration=spec.iteration,
+                handler_iteration=spec.handler_iteration,
+                failure=_json(spec.failure),
+                context=_text(self.context.encode()),
+            )
+        )
+
+    def wake(self, state: RunState, **changes: Any) -> Wake:
+        base = Wake(now=self.now(), pending=self.pending)
+        give_up = self.binding.strategy.give_up(self.view(state))
+        return replace(base, give_up=give_up, **changes)
+
+    def payload(self) -> Message[Any]:
+        if self.message is None:
+            topic = self.binding.topic(self.run.topic)
+            self.message = Message(
+                self.run.message_id, self.run.topic, topic.decode(self.run.payload)
+            )
+        return self.message
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def advance(self) -> Advanced:
+        state = _state_decoder.decode(self.run.state)
+        if self.run.status == "pending":
+            self.add(EventSpec(EventType.SEEN))
+        if self.run.rollback_request is not None:
+            request = _request_decoder.decode(self.run.rollback_request)
+            state = self.machine.rollback_requested(state, request.cause, request.origin)
+            self.add(EventSpec(EventType.ROLLING_BACK, failure=request.cause))
+
+        failures: tuple[ChildOutcome, ...] = ()
+        if self.pending == 0 and self.run.failed > 0:
+            rows = await self.store.child_failures(self.conn, self.run.id, state.seq)
+            failures = tuple(
+                ChildOutcome(
+                    row.saga,
+                    str(row.id),
+                    row.status,
+                    None if row.failure is None else CooperationFailure.from_json(row.failure),
+                    None
+                    if row.rollback_failure is None
+                    else CooperationFailure.from_json(row.rollback_failure),
+                )
+                for row in rows
+            )
+            self.reset_failed = True
+
+        history: tuple[Instance, ...] | None = None
+        transition = self.machine.resume(state, self.wake(state, child_failures=failures))
+        ran_user_code = False
+        while True:
+            state = transition.state
+            for spec in transition.events:
+                self.add(spec)
+            action = transition.action
+            if isinstance(action, USER_CODE) and ran_user_code:
+                # One piece of user code per transaction; the next runs in a fresh one.
+                return await self.finish(state, ready_at=self.run.now)
+            if isinstance(action, Again):
+                transition = self.machine.resume(state, self.wake(state, history=history))
+            elif isinstance(action, NeedHistory):
+                done = await self.store.history(self.conn, self.run.root_id, self.run.id)
+                history = tuple(
+                    Instance(r.instance, r.step_index, r.iteration, r.handler_iteration)
+                    for r in done
+                )
+                transition = self.machine.resume(state, self.wake(state, history=history))
+            elif isinstance(action, Invoke):
+                transition = await self.invoke(state, action)
+                ran_user_code = True
+            elif isinstance(action, HandleChildren):
+                transition = await self.handle_children(state, action)
+                ran_user_code = self.saga.steps[action.step].child_failure is not None
+            elif isinstance(action, Compensate):
+                transition = await self.compensate(state, action)
+                ran_user_code = True
+            elif isinstance(action, RollbackChildren):
+                transition = await self.rollback_children(state, action)
+            elif isinstance(action, SkipUnstarted):
+                self.pending -= await self.store.skip_unstarted(self.conn, self.run.id)
+                if self.pending > 0:
+                    return await self.finish(state, ready_at=None)
+                transition = self.machine.resume(state, self.wake(state))
+            elif isinstance(action, Wait):
+                return await self.finish(state, ready_at=self.wait_until(state, action))
+            else:
+                return await self.finish(state, ready_at=None, final=action)
+
+    def wait_until(self, state: RunState, action: Wait) -> datetime | None:
+        deadline = self.binding.strategy.wake_at(self.view(state))
+        if self.pending > 0:
+            # Wake at the deadline to give up on children that never started; a deadline
+            # already handled would only wake us in a loop.
+            return deadline if deadline is not None and deadline > self.now() else None
+        candidates = [t for t in (action.until, deadline) if t is not None]
+        return min(candidates) if candidates else self.run.now
+
+    # -- user code -------------------------------------------------------------------------
+
+    def scope(self, step: str, iteration: int, attempt: int, instance: int) -> Scope:
+        return Scope(
+            run_id=self.run.id,
+            root_id=self.run.root_id,
+            lineage=self.run.lineage,
+            saga=self.saga.name,
+            step=step,
+            iteration=iteration,
+            attempt=attempt,
+            instance=instance,
+            context=self.context,
+            connection=self.conn,
+            now=self.now,
+            max_depth=self.runner.max_depth,
+            give_up_check=self.give_up_check,
+        )
+
+    async def give_up_check(self) -> None:
+        cancellation, db_now = await self.store.cancellation_of(self.conn, self.run.lineage)
+        if cancellation is not None:
+            self.cancellation = CooperationFailure.from_json(cancellation)
+        state = _state_decoder.decode(self.run.state)
+        view = replace(self.view(state), now=db_now)
+        reason = self.binding.strategy.give_up(view)
+        if reason is not None:
+            raise GaveUp(self.machine.gave_up(reason))
+
+    async def user_code(
+        self, scope: Scope, call: Callable[[], Any]
+    ) -> tuple[Any, BaseException | None]:
+        """Run user code in a savepoint; on failure undo its writes and return the error."""
+        await self.conn.execute("SAVEPOINT scoopy_step")
+        token = _current.set(scope)
+        try:
+            result = await call()
+            if scope.launches:
+                await self.emit(scope)
+            return result, None
+        except anyio.get_cancelled_exc_class():
+            raise
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            await self.conn.execute("ROLLBACK TO SAVEPOINT scoopy_step")
+            return None, exc
+        finally:
+            _current.reset(token)
+
+    async def emit(self, scope: Scope) -> None:
+        created = await self.store.emit(self.conn, scope.launches, self.run)
+        children = {launch.id for launch in scope.launches if launch.scoped}
+        self.pending += sum(1 for message_id, _ in created if message_id in children)
+        for _, saga in created:
+            self.notify_saga(saga)
+        for launch in scope.launches:
+            self.events.append(
+                EventRow(
+                    root_id=launch.root_id,
+                    type=EventType.EMITTED,
+                    lineage=self.run.lineage if launch.scoped else [launch.root_id],
+                    message_id=launch.id,
+                    run_id=self.run.id if launch.scoped else None,
+                    saga=self.saga.name if launch.scoped else None,
+                    step=scope.step if launch.scoped else None,
+                    instance=launch.instance,
+                    context=launch.context,
+                )
+            )
+
+    def notify_saga(self, saga: str) -> None:
+        if saga not in self.ready_sagas:
+            self.ready_sagas.add(saga)
+            self.notify.append("r:" + saga)
+
+    async def invoke(self, state: RunState, act: Invoke) -> Transition:
+        step = self.saga.steps[act.step]
+        before = self.context.copy()
+        scope = self.scope(step.name, act.iteration, act.attempt, act.seq)
+
+        async def call() -> tuple[int | None, int]:
+            nxt = await step.invoke(scope, self.payload())
+            return self.machine.next_of(act.step, act.iteration, nxt)
+
+        following, error = await self.user_code(scope, call)
+        if error is None:
+            return self.machine.after_invoke(state, act, following, scope.sleep_until)
+        failure = failure_from_exception(error, self.source)
+        retry_in = (
+            step.retry.delay(act.attempt)
+            if step.retry is not None and step.retry.retries(error, act.attempt)
+            else None
+        )
+        if retry_in is not None:
+            self.context = before  # the failed attempt's context changes vanish with it
+        self.pending = self.run.pending
+        return self.machine.step_failed(state, act, failure, retry_in, self.now())
+
+    async def handle_children(self, state: RunState, act: HandleChildren) -> Transition:
+        step = self.saga.steps[act.step]
+        handler = step.child_failure
+        if handler is None:
+            return self.machine.handler_failed(state, act, act.failure)
+        scope = self.scope(step.name, state.last_iteration, 1, act.seq)
+        error_to_handle = act.failure
+
+        async def call() -> tuple[int | None, int] | None:
+            nxt = await handler(scope, self.payload(), error_to_handle_exc)
+            if nxt is None:
+                return None
+            return self.machine.next_of(act.step, state.last_iteration, nxt)
+
+        error_to_handle_exc = error_to_handle.to_exception()
+        following, error = await self.user_code(scope, call)
+        if error is None:
+            return self.machine.after_handler(state, act, following)
+        self.pending = 0
+        return self.machine.handler_failed(state, act, failure_from_exception(error, self.source))
+
+    async def compensate(self, state: RunState, act: Compensate) -> Transition:
+        step = self.saga.steps[act.instance.step]
+        fn = step.compensate
+        assert fn is not None
+        scope = self.scope(f"Rollback of {step.name}", act.instance.iteration, 1, act.seq)
+        cause = act.cause.to_exception()
+
+        async def call() -> None:
+            await fn(scope, self.payload(), cause)
+
+        _, error = await self.user_code(scope, call)
+        if error is None:
+            return self.machine.after_compensation(state, act)
+        self.pending = 0
+        return self.machine.compensation_failed(
+            state, act, failure_from_exception(error, self.source)
+        )
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    async def rollback_children(self, state: RunState, act: RollbackChildren) -> Transition:
+        cause = state.cause or CooperationFailure(
+            type=GaveUp.wire_type, message=NO_MESSAGE, source=self.source
+        )
+        said_so = CooperationFailure(
+            type=ParentSaidSo.wire_type, message=NO_MESSAGE, source=self.source, causes=[cause]
+        )
+        request = msgspec.json.encode(RollbackRequest("parent", said_so)).decode()
+        context = _text(self.context.encode())
+        messages, sagas = await self.store.rollback_children(
+            self.conn, self.run.id, act.instance.seq, act.seq, request, context
+        )
+        step_name = self.machine.rollback_name(act.instance.step, children=True)
+        for message_id in messages:
+            self.events.append(
+                EventRow(
+                    root_id=self.run.root_id,
+                    type=EventType.ROLLBACK_EMITTED,
+                    lineage=self.run.lineage,
+                    message_id=message_id,
+                    run_id=self.run.id,
+                    saga=self.saga.name,
+                    step=step_name,
+                    instance=act.seq,
+                    failure=_json(said_so),
+                    context=context,
+                )
+            )
+        for saga in sagas:
+            self.notify_saga(saga)
+        self.pending = len(sagas)
+        return self.machine.after_rollback_children(state, act)
+
+    async def finish(
+        self, state: RunState, *, ready_at: datetime | None, final: Finish | None = None
+    ) -> Advanced:
+        terminal = final is not None
+        view = self.view(state)
+        status = final.status if final is not None else "active"
+        parent_failed = int(
+            final is not None
+            and final.status != "committed"
+            and (final.failure is not None or final.rollback_failure is not None)
+        )
+        notify_parent = terminal and self.run.awaited and self.run.parent_id is not None
+        root_done = terminal and self.run.parent_id is None
+        if root_done:
+            self.notify.append(f"d:{self.run.root_id}")
+        if ready_at is not None and not terminal:
+            self.ready_sagas.add(self.saga.name)
+        write = RunWrite(
+            run_id=self.run.id,
+            status=status,
+            state=_state_encoder.encode(state).decode(),
+            pending=0 if terminal else self.pending,
+            reset_failed=self.reset_failed,
+            ready_at=None if terminal else ready_at,
+            resume_at=None if terminal else state.resume_at,
+            deadline_at=None if terminal else self.binding.strategy.wake_at(view),
+            context=_text(self.context.encode()),
+            failure=_json(final.failure) if final is not None else None,
+            rollback_failure=_json(final.rollback_failure) if final is not None else None,
+            terminal=terminal,
+            parent_id=self.run.parent_id,
+            parent_failed=parent_failed,
+            notify_parent=notify_parent,
+            events=self.events,
+            notify=self.notify,
+        )
+        parent_saga, parent_pending = await self.store.finish(
+            self.conn, write, self.runner.worker, self.runner.listen
+        )
+        if parent_saga is not None and parent_pending == 0:
+            self.ready_sagas.add(parent_saga)
+        return Advanced(
+            ready_sagas=self.ready_sagas,
+            root_done=self.run.root_id if root_done else None,
+            events=self.events,
+        )
+
+
+_LOUD = {EventType.ROLLING_BACK, EventType.ROLLBACK_FAILED, EventType.ATTEMPT_FAILED}
+_INFO = {EventType.COMMITTED, EventType.ROLLED_BACK, EventType.CANCELLATION_REQUESTED}
+
+
+def _log_events(events: list[EventRow], worker: str) -> None:
+    for event in events:
+        fields = {
+            "saga": event.saga,
+            "step": event.step,
+            "run_id": str(event.run_id) if event.run_id else None,
+            "root_id": str(event.root_id),
+            "message_id": str(event.message_id) if event.message_id else None,
+            "lineage": [str(item) for item in event.lineage],
+            "worker": worker,
+        }
+        if event.type in _LOUD:
+            log.warning(event.type, failure=event.failure, **fields)
+        elif event.type in _INFO:
+            log.info(event.type, **fields)
+        else:
+            log.debug(event.type, **fields)

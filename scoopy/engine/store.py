@@ -1,0 +1,673 @@
+"""Every SQL statement scoopy runs, and the records they read and write.
+
+The schema name is validated (`check_schema`) and quoted once when the store is built;
+no other value is ever spliced into SQL text.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeAlias
+
+import asyncpg
+
+from ..errors import check_schema
+
+if TYPE_CHECKING:
+    Connection: TypeAlias = (
+        asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+    )
+else:
+    Connection = asyncpg.Connection
+
+
+def lineage_literal(lineage: Sequence[uuid.UUID]) -> str:
+    """A uuid[] value in PostgreSQL's text form (sent as a parameter, never spliced)."""
+    return "{" + ",".join(str(item) for item in lineage) + "}"
+
+
+@dataclass(slots=True)
+class NewMessage:
+    id: uuid.UUID
+    root_id: uuid.UUID
+    topic: str
+    payload: str
+    context: str | None
+    instance: int | None  # the emitting step instance; None for a launch outside the hierarchy
+
+    @property
+    def scoped(self) -> bool:
+        return self.instance is not None
+
+
+@dataclass(slots=True)
+class EventRow:
+    root_id: uuid.UUID
+    type: str
+    lineage: Sequence[uuid.UUID]
+    message_id: uuid.UUID | None = None
+    run_id: uuid.UUID | None = None
+    saga: str | None = None
+    step: str | None = None
+    phase: str | None = None
+    step_index: int | None = None
+    instance: int | None = None
+    iteration: int | None = None
+    handler_iteration: int | None = None
+    failure: str | None = None
+    context: str | None = None
+
+
+@dataclass(slots=True)
+class RunWrite:
+    """The new state of a claimed run, written when its transaction ends."""
+
+    run_id: uuid.UUID
+    status: str
+    state: str
+    pending: int
+    reset_failed: bool
+    ready_at: datetime | None
+    resume_at: datetime | None
+    deadline_at: datetime | None
+    context: str | None
+    failure: str | None = None
+    rollback_failure: str | None = None
+    result: str | None = None
+    terminal: bool = False
+    parent_id: uuid.UUID | None = None
+    parent_failed: int = 0
+    notify_parent: bool = False
+    events: list[EventRow] = field(default_factory=list)
+    notify: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    id: uuid.UUID
+    root_id: uuid.UUID
+    message_id: uuid.UUID
+    saga: str
+    parent_id: uuid.UUID | None
+    lineage: list[uuid.UUID]
+    status: str
+    state: str
+    pending: int
+    failed: int
+    awaited: bool
+    context: str | None
+    rollback_request: str | None
+    topic: str
+    payload: str
+    cancellation: str | None
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRow:
+    saga: str
+    id: uuid.UUID
+    status: str
+    failure: str | None
+    rollback_failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    instance: int
+    step_index: int
+    iteration: int
+    handler_iteration: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RootRun:
+    id: uuid.UUID
+    saga: str
+    status: str
+    failure: str | None
+    rollback_failure: str | None
+
+
+class Store:
+    """SQL for one scoopy schema."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = check_schema(schema)
+        q = '"' + schema + '"'
+        self.channel = f"scoopy_{schema}"
+        self.lock_key = f"scoopy:{schema}"
+
+        self.sql_create_schema = f"CREATE SCHEMA IF NOT EXISTS {q}"
+        self.sql_create_versions = f"""
+            CREATE TABLE IF NOT EXISTS {q}.schema_version (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT clock_timestamp()
+            )"""
+        self.sql_versions_exist = "SELECT to_regclass($1) IS NOT NULL"
+        self.versions_table = f"{q}.schema_version"
+        self.sql_versions = f"SELECT version FROM {q}.schema_version ORDER BY version"
+        self.sql_record_version = f"INSERT INTO {q}.schema_version (version, name) VALUES ($1, $2)"
+        self.sql_search_path = f"SET LOCAL search_path TO {q}, public"
+        self.sql_lock = "SELECT pg_advisory_lock(hashtext($1))"
+        self.sql_unlock = "SELECT pg_advisory_unlock(hashtext($1))"
+        self.sql_drop_schema = f"DROP SCHEMA IF EXISTS {q} CASCADE"
+
+        self.sql_claim = f"""
+            SELECT r.id, r.root_id, r.message_id, r.saga, r.parent_id, r.lineage, r.status,
+                   r.state::text AS state, r.pending, r.failed, r.awaited,
+                   r.context::text AS context,
+                   r.rollback_request::text AS rollback_request,
+                   m.topic, m.payload::text AS payload,
+                   (SELECT c.failure::text FROM {q}.cancellation c
+                     WHERE c.target = ANY (r.lineage)
+                     ORDER BY c.created_at LIMIT 1) AS cancellation,
+                   clock_timestamp() AS now
+              FROM {q}.run r JOIN {q}.message m ON m.id = r.message_id
+             WHERE r.saga = $1 AND r.ready_at <= clock_timestamp()
+             ORDER BY r.ready_at
+             LIMIT 1
+               FOR UPDATE OF r SKIP LOCKED"""
+
+        self.sql_emit = f"""
+            WITH m AS (
+                INSERT INTO {q}.message (id, root_id, topic, payload, context, parent_run_id,
+                                         parent_instance)
+                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[],
+                                     $6::uuid[], $7::int[])
+                RETURNING id, root_id, topic, context, parent_run_id, parent_instance
+            ), x AS (
+                SELECT gen_random_uuid() AS id, m.id AS message_id, m.root_id, m.context,
+                       m.parent_run_id, m.parent_instance, s.saga
+                  FROM m JOIN {q}.subscription s ON s.topic = m.topic
+            ), r AS (
+                INSERT INTO {q}.run (id, root_id, message_id, saga, parent_id, parent_instance,
+                                     parent_wait, awaited, lineage, context, ready_at)
+                SELECT x.id, x.root_id, x.message_id, x.saga, x.parent_run_id, x.parent_instance,
+                       x.parent_instance, x.parent_run_id IS NOT NULL,
+                       CASE WHEN x.parent_run_id IS NULL THEN ARRAY[x.root_id, x.id]
+                            ELSE $8::uuid[] || x.id END,
+                       x.context, clock_timestamp()
+                  FROM x
+                RETURNING message_id, saga
+            )
+            SELECT message_id, saga FROM r"""
+
+        self.sql_finish = f"""
+            WITH ev AS (
+                INSERT INTO {q}.event (root_id, message_id, run_id, type, saga, step, phase,
+                                       step_index, instance, iteration, handler_iteration,
+                                       lineage, worker, failure, context)
+                SELECT e.root_id, e.message_id, e.run_id, e.type, e.saga, e.step, e.phase,
+                       e.step_index, e.instance, e.iteration, e.handler_iteration,
+                       e.lineage::uuid[], $17, e.failure, e.context
+                  FROM unnest($18::uuid[], $19::uuid[], $20::uuid[], $21::text[], $22::text[],
+                              $23::text[], $24::text[], $25::int[], $26::int[], $27::int[],
+                              $28::int[], $29::text[], $30::jsonb[], $31::jsonb[])
+                       WITH ORDINALITY AS e(root_id, message_id, run_id, type, saga, step, phase,
+                                            step_index, instance, iteration, handler_iteration,
+                                            lineage, failure, context, ord)
+                 ORDER BY e.ord
+                RETURNING 1
+            ), up AS (
+                UPDATE {q}.run
+                   SET status = $2, state = $3::jsonb, pending = $4,
+                       failed = CASE WHEN $5 THEN 0 ELSE failed END,
+                       ready_at = $6, resume_at = $7, deadline_at = $8, context = $9::jsonb,
+                       failure = COALESCE($10::jsonb, failure),
+                       rollback_failure = $11::jsonb, result = COALESCE($12::jsonb, result),
+                       rollback_request = NULL,
+                       awaited = awaited AND NOT $13,
+                       updated_at = clock_timestamp()
+                 WHERE id = $1
+                RETURNING 1
+            ), parent AS (
+                UPDATE {q}.run p
+                   SET pending = p.pending - 1,
+                       failed = p.failed + $15,
+                       ready_at = CASE WHEN p.pending = 1
+                           THEN LEAST(COALESCE(p.deadline_at, 'infinity'),
+                                      GREATEST(clock_timestamp(),
+                                               COALESCE(p.resume_at, '-infinity')))
+                           ELSE p.ready_at END,
+                       updated_at = clock_timestamp()
+                 WHERE p.id = $14 AND $16
+                RETURNING p.saga, p.pending
+            ), nt AS (
+                SELECT pg_notify($32, n)
+                  FROM (SELECT unnest($33::text[]) AS n
+                        UNION ALL
+                        SELECT 'r:' || saga FROM parent WHERE pending = 0 AND $34) AS q
+            )
+            SELECT (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM up) AS updated,
+                   (SELECT count(*) FROM nt) AS notified,
+                   (SELECT saga FROM parent) AS parent_saga,
+                   (SELECT pending FROM parent) AS parent_pending"""
+
+        self.sql_defer = f"""
+            UPDATE {q}.run SET ready_at = clock_timestamp() + make_interval(secs => $2)
+             WHERE id = $1 AND ready_at IS NOT NULL"""
+
+        self.sql_child_failures = f"""
+            SELECT saga, id, status, failure::text AS failure,
+                   rollback_failure::text AS rollback_failure
+              FROM {q}.run
+             WHERE parent_id = $1 AND parent_wait = $2
+               AND status IN ('rolled_back', 'rollback_failed')
+               AND (failure IS NOT NULL OR rollback_failure IS NOT NULL)
+             ORDER BY created_at, id"""
+
+        self.sql_history = f"""
+            SELECT instance, step_index, iteration, handler_iteration
+              FROM {q}.event
+             WHERE root_id = $1 AND run_id = $2 AND type = 'SUSPENDED'
+               AND phase IN ('step', 'handler')
+             ORDER BY seq"""
+
+        self.sql_rollback_children = f"""
+            WITH kids AS (
+                UPDATE {q}.run
+                   SET status = 'active', rollback_request = $3::jsonb,
+                       context = CASE WHEN $4::jsonb IS NULL THEN context
+                                      ELSE COALESCE(context, '{{}}'::jsonb) || $4::jsonb END,
+                       ready_at = clock_timestamp(), awaited = true, parent_wait = $5,
+                       updated_at = clock_timestamp()
+                 WHERE parent_id = $1 AND parent_instance = $2 AND status = 'committed'
+                RETURNING saga
+            )
+            SELECT 'message' AS kind, m.id AS message_id, NULL::text AS saga
+              FROM {q}.message m
+             WHERE m.parent_run_id = $1 AND m.parent_instance = $2
+            UNION ALL
+            SELECT 'run', NULL, saga FROM kids"""
+
+        self.sql_skip_unstarted = f"""
+            WITH s AS (
+                SELECT id FROM {q}.run
+                 WHERE parent_id = $1 AND awaited AND status = 'pending'
+                   FOR UPDATE SKIP LOCKED
+            ), u AS (
+                UPDATE {q}.run r
+                   SET status = 'skipped', awaited = false, ready_at = NULL,
+                       updated_at = clock_timestamp()
+                  FROM s WHERE r.id = s.id
+                RETURNING 1
+            )
+            SELECT count(*) FROM u"""
+
+        self.sql_launch = f"""
+            WITH m AS (
+                INSERT INTO {q}.message (id, root_id, topic, payload, context)
+                VALUES ($1, $1, $2, $3::jsonb, $4::jsonb)
+                RETURNING id, topic, context
+            ), ev AS (
+                INSERT INTO {q}.event (root_id, message_id, type, lineage, worker, context)
+                VALUES ($1, $1, 'EMITTED', ARRAY[$1::uuid], $5, $4::jsonb)
+                RETURNING 1
+            ), x AS (
+                SELECT gen_random_uuid() AS id, s.saga, m.context
+                  FROM m JOIN {q}.subscription s ON s.topic = m.topic
+            ), r AS (
+                INSERT INTO {q}.run (id, root_id, message_id, saga, lineage, context, ready_at)
+                SELECT x.id, $1, $1, x.saga, ARRAY[$1::uuid, x.id], x.context, clock_timestamp()
+                  FROM x
+                RETURNING saga
+            ), nt AS (
+                SELECT pg_notify($6, 'r:' || saga) FROM (SELECT DISTINCT saga FROM r) d WHERE $7
+            )
+            SELECT (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM nt) AS notified,
+                   ARRAY(SELECT saga FROM r) AS sagas"""
+
+        self.sql_root_runs = f"""
+            SELECT id, saga, status, failure::text AS failure,
+                   rollback_failure::text AS rollback_failure
+              FROM {q}.run WHERE message_id = $1 AND parent_id IS NULL
+             ORDER BY saga"""
+
+        self.sql_cancellation_of = f"""
+            SELECT (SELECT c.failure::text FROM {q}.cancellation c
+                     WHERE c.target = ANY ($1::uuid[]) ORDER BY c.created_at LIMIT 1),
+                   clock_timestamp()"""
+
+        self.sql_message_exists = f"SELECT EXISTS (SELECT 1 FROM {q}.message WHERE id = $1)"
+
+        self.sql_events = f"""
+            SELECT seq, type, saga, step, phase, step_index, instance, iteration,
+                   handler_iteration, run_id, message_id, root_id, lineage, worker,
+                   failure::text AS failure, context::text AS context, created_at
+              FROM {q}.event WHERE root_id = $1 ORDER BY seq"""
+
+        self.sql_runs_of = f"""
+            SELECT id, saga, parent_id, status, lineage, message_id, created_at, updated_at,
+                   failure::text AS failure, rollback_failure::text AS rollback_failure,
+                   state::text AS state
+              FROM {q}.run WHERE root_id = $1 ORDER BY created_at, id"""
+
+        self.sql_poll = f"""
+            SELECT s.saga,
+                   (SELECT r.ready_at FROM {q}.run r
+                     WHERE r.saga = s.saga AND r.ready_at IS NOT NULL
+                     ORDER BY r.ready_at LIMIT 1) AS ready_at,
+                   clock_timestamp() AS now
+              FROM unnest($1::text[]) AS s(saga)"""
+
+        self.sql_subscribe = f"""
+            INSERT INTO {q}.subscription (topic, saga)
+            SELECT * FROM unnest($1::text[], $2::text[])
+            ON CONFLICT DO NOTHING"""
+
+        self.sql_unsubscribe = f"DELETE FROM {q}.subscription WHERE topic = $1 AND saga = $2"
+
+        self.sql_subscriptions = f"SELECT topic, saga FROM {q}.subscription ORDER BY topic, saga"
+
+        self.sql_find_root = f"""
+            SELECT root_id, lineage FROM {q}.run WHERE id = $1
+            UNION ALL
+            SELECT id, ARRAY[id] FROM {q}.message WHERE id = $1 AND parent_run_id IS NULL
+            LIMIT 1"""
+
+        self.sql_cancel = f"""
+            WITH c AS (
+                INSERT INTO {q}.cancellation (target, root_id, failure)
+                VALUES ($1, $2, $3::jsonb)
+                ON CONFLICT (target) DO NOTHING
+                RETURNING target
+            ), ev AS (
+                INSERT INTO {q}.event (root_id, message_id, run_id, type, lineage, failure, worker)
+                SELECT $2, $2, CASE WHEN $1 = $2 THEN NULL ELSE $1 END, 'CANCELLATION_REQUESTED',
+                       $4::uuid[], $3::jsonb, $5
+                  FROM c
+                RETURNING 1
+            ), w AS (
+                UPDATE {q}.run r SET ready_at = clock_timestamp()
+                 WHERE r.root_id = $2 AND $1 = ANY (r.lineage)
+                   AND r.status IN ('pending', 'active')
+                   AND (r.ready_at IS NULL OR r.ready_at > clock_timestamp())
+                   AND EXISTS (SELECT 1 FROM c)
+                RETURNING r.saga
+            ), nt AS (
+                SELECT pg_notify($6, 'r:' || saga) FROM (SELECT DISTINCT saga FROM w) d WHERE $7
+            )
+            SELECT (SELECT count(*) FROM c) AS inserted, (SELECT count(*) FROM w) AS woken,
+                   (SELECT count(*) FROM nt) AS notified"""
+
+        self.sql_undo_candidates = f"""
+            SELECT id, saga, status, parent_id, lineage, message_id
+              FROM {q}.run
+             WHERE root_id = $1 AND ($2::uuid = root_id AND parent_id IS NULL OR id = $2)
+               FOR UPDATE"""
+
+        self.sql_unfinished_in_root = f"""
+            SELECT count(*) FROM {q}.run
+             WHERE root_id = $1 AND status IN ('pending', 'active')"""
+
+        self.sql_undo = f"""
+            WITH u AS (
+                UPDATE {q}.run
+                   SET status = 'active', rollback_request = $2::jsonb,
+                       ready_at = clock_timestamp(), updated_at = clock_timestamp()
+                 WHERE id = ANY ($1::uuid[]) AND status = 'committed'
+                RETURNING id, saga, root_id, message_id, lineage
+            ), ev AS (
+                INSERT INTO {q}.event (root_id, message_id, type, lineage, failure, worker)
+                SELECT DISTINCT ON (message_id) root_id, message_id, 'ROLLBACK_EMITTED',
+                       lineage[1:cardinality(lineage) - 1], $3::jsonb, $4
+                  FROM u
+                RETURNING 1
+            ), nt AS (
+                SELECT pg_notify($5, 'r:' || saga) FROM (SELECT DISTINCT saga FROM u) d WHERE $6
+            )
+            SELECT (SELECT count(*) FROM u) AS updated, (SELECT count(*) FROM ev) AS events,
+                   (SELECT count(*) FROM nt) AS notified"""
+
+    # -- schema ----------------------------------------------------------------------------
+
+    async def applied_versions(self, conn: Connection) -> list[int] | None:
+        """Applied migration versions, or None when the schema was never migrated."""
+        if not await conn.fetchval(self.sql_versions_exist, self.versions_table):
+            return None
+        return [row[0] for row in await conn.fetch(self.sql_versions)]
+
+    async def apply_migrations(
+        self, conn: Connection, migrations: Sequence[tuple[int, str, str]]
+    ) -> list[int]:
+        """Apply the migrations not yet applied, under an advisory lock; return their versions."""
+        await conn.execute(self.sql_lock, self.lock_key)
+        try:
+            await conn.execute(self.sql_create_schema)
+            await conn.execute(self.sql_create_versions)
+            done = set(await self.applied_versions(conn) or [])
+            applied: list[int] = []
+            for version, name, sql in migrations:
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(self.sql_search_path)
+                    await conn.execute(sql)
+                    await conn.execute(self.sql_record_version, version, name)
+                applied.append(version)
+            return applied
+        finally:
+            await conn.execute(self.sql_unlock, self.lock_key)
+
+    async def drop_schema(self, conn: Connection) -> None:
+        await conn.execute(self.sql_drop_schema)
+
+    # -- claiming and running --------------------------------------------------------------
+
+    async def claim(self, conn: Connection, saga: str) -> Claimed | None:
+        row = await conn.fetchrow(self.sql_claim, saga)
+        if row is None:
+            return None
+        return Claimed(*row)
+
+    async def emit(
+        self, conn: Connection, messages: Sequence[NewMessage], emitter: Claimed
+    ) -> list[tuple[uuid.UUID, str]]:
+        """Insert messages and one run per subscribed saga; return (message id, saga) pairs."""
+        rows = await conn.fetch(
+            self.sql_emit,
+            [m.id for m in messages],
+            [m.root_id for m in messages],
+            [m.topic for m in messages],
+            [m.payload for m in messages],
+            [m.context for m in messages],
+            [emitter.id if m.scoped else None for m in messages],
+            [m.instance for m in messages],
+            emitter.lineage,
+        )
+        return [(row[0], row[1]) for row in rows]
+
+    async def finish(
+        self, conn: Connection, write: RunWrite, worker: str, listen: bool
+    ) -> tuple[str | None, int | None]:
+        """Write the run's events and new state; return the parent's saga and pending count."""
+        ev = write.events
+        row = await conn.fetchrow(
+            self.sql_finish,
+            write.run_id,
+            write.status,
+            write.state,
+            write.pending,
+            write.reset_failed,
+            write.ready_at,
+            write.resume_at,
+            write.deadline_at,
+            write.context,
+            write.failure,
+            write.rollback_failure,
+            write.result,
+            write.terminal,
+            write.parent_id,
+            write.parent_failed,
+            write.notify_parent,
+            worker,
+            [e.root_id for e in ev],
+            [e.message_id for e in ev],
+            [e.run_id for e in ev],
+            [e.type for e in ev],
+            [e.saga for e in ev],
+            [e.step for e in ev],
+            [e.phase for e in ev],
+            [e.step_index for e in ev],
+            [e.instance for e in ev],
+            [e.iteration for e in ev],
+            [e.handler_iteration for e in ev],
+            [lineage_literal(e.lineage) for e in ev],
+            [e.failure for e in ev],
+            [e.context for e in ev],
+            self.channel,
+            write.notify if listen else [],
+            listen,
+        )
+        assert row is not None
+        if row["updated"] != 1:
+            raise RuntimeError(f"run {write.run_id} vanished while it was locked")
+        return row["parent_saga"], row["parent_pending"]
+
+    async def defer(self, conn: Connection, run_id: uuid.UUID, seconds: float) -> None:
+        await conn.execute(self.sql_defer, run_id, seconds)
+
+    async def child_failures(
+        self, conn: Connection, parent_id: uuid.UUID, wait: int
+    ) -> list[ChildRow]:
+        rows = await conn.fetch(self.sql_child_failures, parent_id, wait)
+        return [ChildRow(*row) for row in rows]
+
+    async def history(
+        self, conn: Connection, root_id: uuid.UUID, run_id: uuid.UUID
+    ) -> list[HistoryRow]:
+        rows = await conn.fetch(self.sql_history, root_id, run_id)
+        return [HistoryRow(*row) for row in rows]
+
+    async def rollback_children(
+        self,
+        conn: Connection,
+        parent_id: uuid.UUID,
+        instance: int,
+        wait: int,
+        request: str,
+        context: str | None,
+    ) -> tuple[list[uuid.UUID], list[str]]:
+        """Ask the committed children of one step instance to roll back.
+
+        Returns the messages that instance emitted and the sagas of the children asked.
+        """
+        rows = await conn.fetch(
+            self.sql_rollback_children, parent_id, instance, request, context, wait
+        )
+        messages = sorted(row["message_id"] for row in rows if row["kind"] == "message")
+        sagas = [row["saga"] for row in rows if row["kind"] == "run"]
+        return messages, sagas
+
+    async def skip_unstarted(self, conn: Connection, parent_id: uuid.UUID) -> int:
+        return int(await conn.fetchval(self.sql_skip_unstarted, parent_id))
+
+    # -- launching, inspecting, controlling ------------------------------------------------
+
+    async def launch(
+        self,
+        conn: Connection,
+        message: NewMessage,
+        worker: str,
+        listen: bool,
+    ) -> list[str]:
+        row = await conn.fetchrow(
+            self.sql_launch,
+            message.id,
+            message.topic,
+            message.payload,
+            message.context,
+            worker,
+            self.channel,
+            listen,
+        )
+        assert row is not None
+        return list(row["sagas"])
+
+    async def root_runs(self, conn: Connection, root_id: uuid.UUID) -> list[RootRun]:
+        rows = await conn.fetch(self.sql_root_runs, root_id)
+        return [RootRun(*row) for row in rows]
+
+    async def cancellation_of(
+        self, conn: Connection, lineage: Sequence[uuid.UUID]
+    ) -> tuple[str | None, datetime]:
+        row = await conn.fetchrow(self.sql_cancellation_of, list(lineage))
+        assert row is not None
+        return row[0], row[1]
+
+    async def message_exists(self, conn: Connection, message_id: uuid.UUID) -> bool:
+        return bool(await conn.fetchval(self.sql_message_exists, message_id))
+
+    async def events(self, conn: Connection, root_id: uuid.UUID) -> list[asyncpg.Record]:
+        return list(await conn.fetch(self.sql_events, root_id))
+
+    async def runs_of(self, conn: Connection, root_id: uuid.UUID) -> list[asyncpg.Record]:
+        return list(await conn.fetch(self.sql_runs_of, root_id))
+
+    async def poll(
+        self, conn: Connection, sagas: Sequence[str]
+    ) -> tuple[list[tuple[str, datetime | None]], datetime | None]:
+        rows = await conn.fetch(self.sql_poll, list(sagas))
+        now = rows[0]["now"] if rows else None
+        return [(row["saga"], row["ready_at"]) for row in rows], now
+
+    async def subscribe(self, conn: Connection, pairs: Sequence[tuple[str, str]]) -> None:
+        await conn.execute(
+            self.sql_subscribe, [topic for topic, _ in pairs], [saga for _, saga in pairs]
+        )
+
+    async def unsubscribe(self, conn: Connection, topic: str, saga: str) -> None:
+        await conn.execute(self.sql_unsubscribe, topic, saga)
+
+    async def subscriptions(self, conn: Connection) -> list[tuple[str, str]]:
+        return [(row[0], row[1]) for row in await conn.fetch(self.sql_subscriptions)]
+
+    async def find_root(
+        self, conn: Connection, target: uuid.UUID
+    ) -> tuple[uuid.UUID, list[uuid.UUID]] | None:
+        row = await conn.fetchrow(self.sql_find_root, target)
+        return None if row is None else (row[0], list(row[1]))
+
+    async def cancel(
+        self,
+        conn: Connection,
+        target: uuid.UUID,
+        root_id: uuid.UUID,
+        lineage: Sequence[uuid.UUID],
+        failure: str,
+        worker: str,
+        listen: bool,
+    ) -> bool:
+        row = await conn.fetchrow(
+            self.sql_cancel, target, root_id, failure, list(lineage), worker, self.channel, listen
+        )
+        assert row is not None
+        return bool(row["inserted"])
+
+    async def undo_candidates(
+        self, conn: Connection, root_id: uuid.UUID, target: uuid.UUID
+    ) -> list[asyncpg.Record]:
+        return list(await conn.fetch(self.sql_undo_candidates, root_id, target))
+
+    async def unfinished(self, conn: Connection, root_id: uuid.UUID) -> int:
+        return int(await conn.fetchval(self.sql_unfinished_in_root, root_id))
+
+    async def undo(
+        self,
+        conn: Connection,
+        run_ids: Sequence[uuid.UUID],
+        request: str,
+        failure: str,
+        worker: str,
+        listen: bool,
+    ) -> int:
+        row = await conn.fetchrow(
+            self.sql_undo, list(run_ids), request, failure, worker, self.channel, listen
+        )
+        assert row is not None
+        return int(row["updated"])

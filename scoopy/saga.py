@@ -1,0 +1,184 @@
+"""Sagas: named sequences of transactional steps, with compensations and child-failure handlers."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, overload
+
+from .errors import SagaDefinitionError, check_name, check_step_name
+
+if TYPE_CHECKING:
+    from .failure import CooperationError
+    from .message import Message
+    from .scope import Scope
+    from .strategy import EventLoopStrategy
+
+
+@dataclass(frozen=True, slots=True)
+class NextStep:
+    """Where a saga goes after a step: `CONTINUE`, `REPEAT` or `goto(step)`."""
+
+    kind: Literal["continue", "repeat", "goto"]
+    target: str | None = None
+
+    CONTINUE: ClassVar[NextStep]
+    REPEAT: ClassVar[NextStep]
+
+    @staticmethod
+    def goto(step: str | Step) -> NextStep:
+        return NextStep("goto", step.name if isinstance(step, Step) else step)
+
+
+NextStep.CONTINUE = NextStep("continue")
+NextStep.REPEAT = NextStep("repeat")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Durable retries of a failing step: `attempts` in total, exponential backoff with jitter.
+
+    Only exceptions that are instances of `on` are retried; others roll the saga back at once.
+    """
+
+    attempts: int = 3
+    backoff: float = 1.0
+    multiplier: float = 2.0
+    max_backoff: float = 300.0
+    jitter: float = 0.2
+    on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise SagaDefinitionError(f"retry attempts must be at least 1, got {self.attempts}")
+        if self.backoff < 0 or self.multiplier < 1 or self.max_backoff < 0:
+            raise SagaDefinitionError("retry backoff must be >= 0 and multiplier >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise SagaDefinitionError(f"retry jitter must be within [0, 1], got {self.jitter}")
+
+    def retries(self, exc: BaseException, attempt: int) -> bool:
+        """Whether a failure of attempt number `attempt` (1-based) gets another attempt."""
+        return attempt < self.attempts and isinstance(exc, self.on)
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        base = min(self.max_backoff, self.backoff * self.multiplier ** (attempt - 1))
+        spread = base * self.jitter
+        return max(0.0, base + (rng or random).uniform(-spread, spread))
+
+
+class StepFn(Protocol):
+    def __call__(self, scope: Scope, message: Message[Any], /) -> Awaitable[NextStep | None]: ...
+
+
+class RollbackFn(Protocol):
+    def __call__(
+        self, scope: Scope, message: Message[Any], failure: BaseException, /
+    ) -> Awaitable[None]: ...
+
+
+class ChildFailureFn(Protocol):
+    def __call__(
+        self, scope: Scope, message: Message[Any], failure: CooperationError, /
+    ) -> Awaitable[NextStep | None]: ...
+
+
+@dataclass(eq=False)
+class Step:
+    """One step of a saga. Use `@step.rollback` and `@step.on_child_failure` to add handlers."""
+
+    saga: Saga
+    name: str
+    index: int
+    invoke: StepFn
+    retry: RetryPolicy | None = None
+    compensate: RollbackFn | None = None
+    child_failure: ChildFailureFn | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def rollback(self, fn: RollbackFn) -> RollbackFn:
+        """Decorate the compensating action run when this step, once committed, is rolled back."""
+        if self.compensate is not None:
+            raise SagaDefinitionError(
+                f"step {self.name!r} of {self.saga.name!r} has a rollback already"
+            )
+        self.compensate = fn
+        return fn
+
+    def on_child_failure(self, fn: ChildFailureFn) -> ChildFailureFn:
+        """Decorate the handler for children of this step that failed; returning means handled."""
+        if self.child_failure is not None:
+            raise SagaDefinitionError(
+                f"step {self.name!r} of {self.saga.name!r} has an on_child_failure already"
+            )
+        self.child_failure = fn
+        return fn
+
+    async def __call__(self, scope: Scope, message: Message[Any]) -> NextStep | None:
+        return await self.invoke(scope, message)
+
+    def __repr__(self) -> str:
+        return f"<Step {self.saga.name}.{self.name}>"
+
+
+class Saga:
+    """A named sequence of steps. Subscribe it to topics with `Cooperation.subscribe`."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        instances: int = 4,
+        strategy: EventLoopStrategy | None = None,
+    ) -> None:
+        self.name = check_name("saga", name)
+        if not isinstance(instances, int) or instances < 1:
+            raise SagaDefinitionError(f"saga {name!r}: instances must be >= 1, got {instances!r}")
+        self.instances = instances
+        self.strategy = strategy
+        self.steps: list[Step] = []
+
+    @overload
+    def step(self, name: StepFn, /) -> Step: ...
+    @overload
+    def step(
+        self, name: str | None = None, /, *, retry: RetryPolicy | None = None
+    ) -> Callable[[StepFn], Step]: ...
+    def step(
+        self, name: str | StepFn | None = None, /, *, retry: RetryPolicy | None = None
+    ) -> Step | Callable[[StepFn], Step]:
+        """Decorate `async def step(scope, message)` as the next step (named after the function)."""
+        if callable(name):
+            return self._add(name, None, retry)
+
+        def decorate(fn: StepFn) -> Step:
+            return self._add(fn, name, retry)
+
+        return decorate
+
+    def _add(self, fn: StepFn, name: str | None, retry: RetryPolicy | None) -> Step:
+        step_name = check_step_name(name if name is not None else getattr(fn, "__name__", ""))
+        if any(existing.name == step_name for existing in self.steps):
+            raise SagaDefinitionError(f"saga {self.name!r} already has a step named {step_name!r}")
+        if step_name.startswith("Rollback of "):
+            raise SagaDefinitionError(
+                f"step names may not start with 'Rollback of ': {step_name!r}"
+            )
+        step = Step(saga=self, name=step_name, index=len(self.steps), invoke=fn, retry=retry)
+        self.steps.append(step)
+        return step
+
+    def validate(self) -> None:
+        """Raise `SagaDefinitionError` if this saga cannot run."""
+        if not self.steps:
+            raise SagaDefinitionError(f"saga {self.name!r} has no steps")
+
+    def index_of(self, name: str) -> int:
+        for step in self.steps:
+            if step.name == name:
+                return step.index
+        raise SagaDefinitionError(f"saga {self.name!r} has no step named {name!r}")
+
+    def __repr__(self) -> str:
+        return f"<Saga {self.name} ({len(self.steps)} steps)>"
