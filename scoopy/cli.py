@@ -74,7 +74,7 @@ def _cooperation(args: argparse.Namespace, **options: Any) -> Cooperation:
     return Cooperation(args.dsn, schema=args.schema, **options)
 
 
-def _app_cooperation(args: argparse.Namespace) -> Cooperation:
+def app_cooperation(args: argparse.Namespace) -> Cooperation:
     app = load_app(args.app)
     if isinstance(app, Cooperation):
         return app
@@ -96,7 +96,7 @@ def _app_cooperation(args: argparse.Namespace) -> Cooperation:
 
 
 async def _worker(args: argparse.Namespace) -> int:
-    coop = _app_cooperation(args)
+    coop = app_cooperation(args)
     log = structlog.get_logger("scoopy")
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with coop:

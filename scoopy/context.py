@@ -23,6 +23,14 @@ class ContextKey(Generic[T]):
 
     __slots__ = ("combine", "name", "type")
 
+    @overload
+    def __init__(
+        self, name: str, type: type[T], *, combine: Callable[[T, T], T] | None = None
+    ) -> None: ...
+    @overload
+    def __init__(
+        self, name: str, type: Any, *, combine: Callable[[T, T], T] | None = None
+    ) -> None: ...
     def __init__(
         self,
         name: str,

@@ -69,10 +69,12 @@ class Scope:
         self._give_up_check = give_up_check
         self.launches: list[NewMessage] = []
         self.sleep_until: datetime | None = None
+        self.touched = False  # whether user code reached for the connection
 
     @property
     def connection(self) -> Connection:
         """The step's own database transaction (asyncpg connection)."""
+        self.touched = True
         return self._connection
 
     @property

@@ -352,9 +352,10 @@ class _Advance:
         token = _current.set(scope)
         try:
             result = await call()
-            if scope.launches:
-                await self.emit(scope)
-            return result, None
+            if scope.touched:
+                # Fails if user code left the transaction aborted (a swallowed SQL error),
+                # which then counts as the step's failure.
+                await self.conn.execute("RELEASE SAVEPOINT scoopy_step")
         except anyio.get_cancelled_exc_class():
             raise
         except TRANSIENT:
@@ -364,6 +365,9 @@ class _Advance:
             return None, exc
         finally:
             _current.reset(token)
+        if scope.launches:
+            await self.emit(scope)
+        return result, None
 
     async def emit(self, scope: Scope) -> None:
         created = await self.store.emit(self.conn, scope.launches, self.run)

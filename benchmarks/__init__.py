@@ -1,0 +1,1 @@
+"""scoopy benchmark harness: `python -m benchmarks --help`."""

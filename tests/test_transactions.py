@@ -1,0 +1,159 @@
+"""Steps are transactions: business writes, messages and bookkeeping commit or vanish together."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from scoopy import ChildRolledBack, Cooperation, Message, Saga, Scope
+
+from .helpers import WAIT, both_modes, triples
+
+
+class Boom(Exception):
+    pass
+
+
+@both_modes
+async def test_a_step_that_raises_after_launching_leaves_nothing(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+    listen: bool,
+) -> None:
+    await db.execute("CREATE TABLE reservation (order_id int PRIMARY KEY)")
+    child_ran: list[str] = []
+    saga = Saga("reserver")
+
+    @saga.step()
+    async def reserve(scope: Scope, message: Message[Any]) -> None:
+        await scope.connection.execute(
+            f'INSERT INTO "{scope_schema}".reservation VALUES ($1)', message.payload["order"]
+        )
+        await scope.launch("payments", {"order": message.payload["order"]})
+        raise Boom("card declined")
+
+    child = Saga("payment")
+
+    @child.step()
+    async def pay(scope: Scope, message: Message[Any]) -> None:
+        child_ran.append("pay")
+
+    async with make_coop(listen=listen) as coop:
+        scope_schema = coop.schema
+        coop.subscribe("orders", saga)
+        coop.subscribe("payments", child)
+        handle = await coop.launch("orders", {"order": 7})
+        outcome = await handle.wait(timeout=WAIT)
+        events = await coop.events(handle.id)
+
+    assert outcome.status == "rolled_back"
+    assert outcome.failure is not None
+    assert outcome.failure.type == f"{Boom.__module__}.Boom"
+    assert outcome.failure.message == "card declined"
+    assert outcome.failure.source.startswith("reserver[")
+    assert any(frame.function == "reserve" for frame in outcome.failure.stack_trace)
+    assert await db.fetchval("SELECT count(*) FROM reservation") == 0
+    assert await db.fetchval("SELECT count(*) FROM message WHERE topic = 'payments'") == 0
+    assert await db.fetchval("SELECT count(*) FROM run WHERE saga = 'payment'") == 0
+    assert child_ran == []
+    assert triples(events) == [
+        ("EMITTED", None, None),
+        ("SEEN", "reserver", None),
+        ("ROLLING_BACK", "reserver", "reserve"),
+        ("ROLLED_BACK", "reserver", "Rollback of reserve"),
+    ]
+
+
+@both_modes
+async def test_business_writes_commit_with_the_step(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+    listen: bool,
+) -> None:
+    await db.execute("CREATE TABLE ledger (step text, run uuid)")
+    saga = Saga("writer")
+
+    @saga.step()
+    async def one(scope: Scope, message: Message[Any]) -> None:
+        await scope.connection.execute(
+            f'INSERT INTO "{scope_schema}".ledger VALUES ($1, $2)', scope.step, scope.run_id
+        )
+
+    @saga.step()
+    async def two(scope: Scope, message: Message[Any]) -> None:
+        await scope.connection.execute(
+            f'INSERT INTO "{scope_schema}".ledger VALUES ($1, $2)', scope.step, scope.run_id
+        )
+        raise Boom("after writing")
+
+    async with make_coop(listen=listen) as coop:
+        scope_schema = coop.schema
+        coop.subscribe("write", saga)
+        outcome = await (await coop.launch("write", {})).wait(timeout=WAIT)
+
+    assert outcome.status == "rolled_back"
+    # Step one committed (and had no compensation), step two's write vanished with it.
+    assert [r["step"] for r in await db.fetch("SELECT step FROM ledger")] == ["one"]
+
+
+@both_modes
+async def test_a_failed_sql_statement_fails_the_step_not_the_worker(
+    make_coop: Callable[..., Cooperation], listen: bool
+) -> None:
+    """A step whose SQL errors leaves its transaction aborted; scoopy still records the failure."""
+    saga = Saga("bad-sql")
+
+    @saga.step()
+    async def broken(scope: Scope, message: Message[Any]) -> None:
+        # Swallowed, but the transaction is now aborted.
+        with contextlib.suppress(asyncpg.UndefinedTableError):
+            await scope.connection.execute("SELECT * FROM no_such_table")
+
+    async with make_coop(listen=listen) as coop:
+        coop.subscribe("bad", saga)
+        outcome = await (await coop.launch("bad", {})).wait(timeout=WAIT)
+
+    assert outcome.status == "rolled_back"
+    assert outcome.failure is not None
+    assert "InFailedSQLTransaction" in outcome.failure.type
+
+
+@both_modes
+async def test_failure_of_a_child_reaches_the_parent_as_a_distributed_exception(
+    make_coop: Callable[..., Cooperation], listen: bool
+) -> None:
+    parent = Saga("parent")
+
+    @parent.step("First parent step")
+    async def first(scope: Scope, message: Message[Any]) -> None:
+        await scope.launch("child", {})
+
+    child = Saga("child")
+
+    @child.step("First child step")
+    async def child_first(scope: Scope, message: Message[Any]) -> None:
+        raise Boom("My exception message")
+
+    async with make_coop(listen=listen) as coop:
+        coop.subscribe("parent", parent)
+        coop.subscribe("child", child)
+        outcome = await (await coop.launch("parent", {})).wait(timeout=WAIT)
+
+    assert outcome.status == "rolled_back"
+    failure = outcome.failure
+    assert failure is not None
+    assert failure.type == "scoopy.ChildRolledBack"
+    assert failure.message == "Child failure occurred while suspended in step [First parent step]"
+    assert failure.source.startswith("parent[")
+    [cause] = failure.causes
+    assert cause.message == "My exception message"
+    assert cause.source.startswith("child[")
+    error = failure.to_exception()
+    assert isinstance(error, ChildRolledBack)
+    rendered = str(error)
+    assert "Child failure occurred while suspended in step [First parent step]" in rendered
+    assert "My exception message" in rendered
+    assert "child_first" in rendered

@@ -1,0 +1,81 @@
+"""Several worker processes on one database; a worker killed mid-step loses nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import anyio
+import asyncpg
+
+from scoopy import Cooperation
+
+from .helpers import WAIT, WorkerProcess
+
+APP = "tests.apps.workers:setup"
+
+
+async def make_tables(db: asyncpg.Connection[asyncpg.Record]) -> None:
+    await db.execute("CREATE TABLE work (run_id uuid, step text, pid int, UNIQUE (run_id, step))")
+    await db.execute("CREATE TABLE arrivals (pid int)")
+
+
+async def test_two_worker_processes_share_the_load_each_step_once(
+    dsn: str,
+    schema: str,
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+) -> None:
+    await make_tables(db)
+    hierarchies = 30
+    async with (
+        WorkerProcess(dsn, schema, APP, BARRIER="1") as one,
+        WorkerProcess(dsn, schema, APP, BARRIER="1") as two,
+        make_coop(worker=False) as coop,
+    ):
+        handles = [await coop.launch("work", {"n": n}) for n in range(hierarchies)]
+        outcomes = [await handle.wait(timeout=WAIT) for handle in handles]
+        events = [event for handle in handles for event in await coop.events(handle.id)]
+
+    assert [o.status for o in outcomes] == ["committed"] * hierarchies
+    rows = await db.fetch("SELECT run_id, step, pid FROM work")
+    assert len(rows) == 2 * hierarchies  # the UNIQUE constraint rules out a second commit
+    by_pid = Counter(row["pid"] for row in rows)
+    assert set(by_pid) == {one.pid, two.pid}, by_pid  # both processes did work
+    suspended = Counter((e.run_id, e.step) for e in events if e.type == "SUSPENDED")
+    assert set(suspended.values()) == {1}
+    assert len(suspended) == 2 * hierarchies
+    assert Counter(e.type for e in events)["COMMITTED"] == hierarchies
+    assert len({e.worker for e in events if e.type == "SUSPENDED"}) == 2
+
+
+async def test_a_worker_killed_mid_step_loses_nothing(
+    dsn: str,
+    schema: str,
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+) -> None:
+    await make_tables(db)
+    inside = anyio.Event()
+    await db.add_listener(f"{schema}_hang", lambda *_: inside.set())
+    async with make_coop(worker=False) as coop:
+        async with WorkerProcess(dsn, schema, APP, HANG_IN="second") as doomed:
+            handle = await coop.launch("work", {})
+            with anyio.fail_after(WAIT):
+                await inside.wait()
+            await doomed.kill()
+        async with WorkerProcess(dsn, schema, APP) as survivor:
+            outcome = await handle.wait(timeout=WAIT)
+        events = await coop.events(handle.id)
+
+    assert outcome.status == "committed", outcome.failure
+    rows = {row["step"]: row["pid"] for row in await db.fetch("SELECT step, pid FROM work")}
+    # The killed worker's write in `second` died with its transaction; the survivor redid it.
+    assert rows == {"first": doomed.pid, "second": survivor.pid}
+    steps = [(e.type, e.step) for e in events if e.saga == "work"]
+    assert steps == [
+        ("SEEN", None),
+        ("SUSPENDED", "first"),
+        ("SUSPENDED", "second"),
+        ("COMMITTED", "second"),
+    ]
