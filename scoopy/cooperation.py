@@ -7,7 +7,7 @@ import socket
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -17,6 +17,7 @@ import asyncpg
 import msgspec
 import structlog
 
+from . import periodic
 from .context import CooperationContext
 from .engine import migrate as migrations
 from .engine.runner import Advanced, Binding, RollbackRequest, Runner
@@ -133,6 +134,7 @@ class Cooperation:
         worker: bool = True,
         pool_size: int = 20,
         max_depth: int = 64,
+        max_recursion: int = 16,
         shutdown_grace: float = 30.0,
         connect_timeout: float = 10.0,
         data_dir: Path | str | None = None,
@@ -146,6 +148,7 @@ class Cooperation:
         self.run_worker = worker
         self.pool_size = pool_size
         self.max_depth = max_depth
+        self.max_recursion = max_recursion
         self.shutdown_grace = shutdown_grace
         self.connect_timeout = connect_timeout
         self.data_dir = Path(data_dir) if data_dir is not None else None
@@ -193,6 +196,8 @@ class Cooperation:
                     await migrations.migrate(conn, self.store)
                 else:
                     await migrations.ensure_current(conn, self.store)
+            if self.run_worker and periodic.PERIODIC not in self.bindings:
+                self.subscribe(periodic.SCHEDULES, periodic.build())
             await self._sync_subscriptions()
             if self.run_worker:
                 runner = Runner(
@@ -200,6 +205,7 @@ class Cooperation:
                     self.worker_id,
                     listen=self.listen,
                     max_depth=self.max_depth,
+                    max_recursion=self.max_recursion,
                     on_committed=self._on_committed,
                 )
                 self._worker = Worker(
@@ -284,7 +290,13 @@ class Cooperation:
             self._worker.serve(binding)
 
     def unsubscribe(self, topic: Topic[Any] | str, saga: Saga) -> None:
-        """Stop starting `saga` for new messages on `topic`; its unfinished runs still run."""
+        """Stop running `saga` for messages on `topic`.
+
+        New messages no longer start it. Its runs on that topic that have not started are
+        skipped (their parents stop waiting for them); runs already started finish as long
+        as some worker still serves the saga. Takes effect at the next launch or
+        `await coop.sync()`.
+        """
         name = as_topic(topic).name
         binding = self.bindings.get(saga.name)
         if binding is not None:
@@ -298,12 +310,38 @@ class Cooperation:
             changes, self._unsynced = self._unsynced, []
             if not changes:
                 return
+            ready: list[str] = []
             async with self.pool.acquire() as conn, conn.transaction():
                 for sign, topic, saga in changes:
                     if sign == "+":
                         await self.store.subscribe(conn, [(topic, saga)])
                     else:
-                        await self.store.unsubscribe(conn, topic, saga)
+                        _, woken = await self.store.unsubscribe(conn, topic, saga, self.listen)
+                        ready += woken
+            for saga in ready:
+                self._wake(saga)
+            self._root_done(None)  # skipped root runs may have finished a hierarchy
+
+    async def sync(self) -> None:
+        """Write pending subscribe/unsubscribe calls to the registry now."""
+        await self._sync_subscriptions()
+
+    async def pause(self, saga: Saga | str, reason: str | None = None) -> None:
+        """Stop every worker from running steps of `saga` (its runs wait) until `resume`."""
+        name = saga.name if isinstance(saga, Saga) else saga
+        async with self.pool.acquire() as conn:
+            await self.store.pause(conn, name, reason)
+
+    async def resume(self, saga: Saga | str) -> None:
+        """Let workers run `saga` again."""
+        name = saga.name if isinstance(saga, Saga) else saga
+        async with self.pool.acquire() as conn:
+            await self.store.resume(conn, name)
+        self._wake(name)
+
+    async def paused(self) -> list[str]:
+        async with self.pool.acquire() as conn:
+            return await self.store.paused(conn)
 
     async def subscriptions(self) -> list[tuple[str, str]]:
         """Every (topic, saga) pair in the registry, from all services."""
@@ -328,11 +366,27 @@ class Cooperation:
         payload: Any,
         context: ContextArg = None,
         connection: Connection | None = None,
+        *,
+        key: str | None = None,
+        at: datetime | None = None,
+        after: timedelta | float | None = None,
     ) -> RunHandle:
-        """Launch a root message. With `connection`, it joins that open transaction (outbox)."""
+        """Launch a root message and return a handle on the hierarchy it starts.
+
+        - `connection`: join that open transaction (transactional outbox).
+        - `key`: at most one hierarchy per key; a second launch returns the first's handle.
+        - `at` / `after`: its runs start at that time (durable; survives restarts).
+        """
         resolved = self._topic(topic)
         body = resolved.encode(payload)
         encoded = CooperationContext.coerce(context).encode()
+        if at is not None and after is not None:
+            raise ScoopyError("pass `at` or `after`, not both")
+        if at is not None and at.utcoffset() is None:
+            raise ScoopyError(f"`at` must be timezone-aware, got {at!r}")
+        delay = after.total_seconds() if isinstance(after, timedelta) else after
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 500):
+            raise ScoopyError(f"`key` must be a string of 1-500 characters, got {key!r}")
         root = uuid7()
         message = NewMessage(
             id=root,
@@ -341,16 +395,72 @@ class Cooperation:
             payload=body.decode(),
             context=None if encoded is None else encoded.decode(),
             instance=None,
+            key=key,
         )
         await self._sync_subscriptions()
         if connection is not None:
-            sagas = await self.store.launch(connection, message, self.worker_id, self.listen)
+            root, _ = await self.store.launch(
+                connection, message, self.worker_id, self.listen, at=at, after=delay
+            )
         else:
             async with self.pool.acquire() as conn:
-                sagas = await self.store.launch(conn, message, self.worker_id, self.listen)
+                root, sagas = await self.store.launch(
+                    conn, message, self.worker_id, self.listen, at=at, after=delay
+                )
             for saga in sagas:
                 self._wake(saga)
         return RunHandle(self, root, resolved.name)
+
+    async def schedule(
+        self,
+        key: str,
+        topic: Topic[Any] | str,
+        payload: Any,
+        *,
+        every: timedelta | float | None = None,
+        cron: str | None = None,
+        context: ContextArg = None,
+        start_at: datetime | None = None,
+        catch_up: periodic.CatchUp = "latest",
+    ) -> RunHandle:
+        """Launch `payload` on `topic` periodically: `every` N seconds or on a `cron` expression.
+
+        `key` names the schedule: scheduling the same key again changes nothing. Each firing
+        is its own hierarchy and fires exactly once, whatever the number of workers or
+        restarts; see `scoopy.periodic` for the catch-up policies.
+        """
+        seconds = periodic.check_cadence(every, cron)
+        if catch_up not in ("latest", "all"):
+            raise ScoopyError(f"catch_up must be 'latest' or 'all', got {catch_up!r}")
+        resolved = self._topic(topic)
+        body = resolved.encode(payload)
+        encoded = CooperationContext.coerce(context).encode()
+        async with self.pool.acquire() as conn:
+            now = await self.store.now(conn)
+            await self.store.subscribe(conn, [(periodic.PERIODIC, periodic.PERIODIC)])
+        start = start_at or (now + timedelta(seconds=seconds) if seconds is not None else now)
+        link = periodic.first_link(
+            key, resolved.name, body, encoded, seconds, cron, start, catch_up
+        )
+        return await self.launch(periodic.SCHEDULES, link, key=periodic.chain_key(key))
+
+    async def unschedule(self, key: str, reason: str = "unscheduled") -> int:
+        """Stop a schedule; return how many pending links of its chain were cancelled."""
+        cancelled = 0
+        while True:
+            async with self.pool.acquire() as conn:
+                roots = await self.store.active_chains(
+                    conn, periodic.PERIODIC, periodic.chain_key(key), periodic.chain_key(key) + "@"
+                )
+            if not roots:
+                return cancelled
+            for root in roots:
+                await self.cancel(root, reason)
+            # A link that was firing while we cancelled may have queued one more: look again
+            # once these have finished.
+            for root in roots:
+                await self.wait(root)
+            cancelled += len(roots)
 
     def handle(self, root_id: uuid.UUID | str) -> RunHandle:
         """A handle for a hierarchy launched earlier (by id)."""

@@ -33,6 +33,10 @@ class HierarchyTooDeepError(ScoopyError):
     """A launch would nest the hierarchy deeper than the configured maximum."""
 
 
+class RecursionLimitError(ScoopyError):
+    """A saga launched onto its own topic from too many nested runs of itself."""
+
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,40}")
 

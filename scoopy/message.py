@@ -16,13 +16,18 @@ _json = msgspec.json.Encoder()
 
 
 class Topic(Generic[P]):
-    """A named topic, optionally typed: a typed topic validates on launch and decodes for steps."""
+    """A named topic, optionally typed.
 
-    __slots__ = ("name", "payload_type")
+    A typed topic validates payloads on launch and decodes them for steps; with `result`,
+    it also types the values its handlers return to their parents (`Scope.set_result`).
+    """
 
-    def __init__(self, name: str, payload_type: Any = Any) -> None:
+    __slots__ = ("name", "payload_type", "result_type")
+
+    def __init__(self, name: str, payload_type: Any = Any, *, result: Any = Any) -> None:
         self.name = check_name("topic", name)
         self.payload_type = payload_type
+        self.result_type = result
 
     @property
     def typed(self) -> bool:
@@ -30,33 +35,17 @@ class Topic(Generic[P]):
 
     def encode(self, payload: Any) -> bytes:
         """Validate `payload` for this topic and return its JSON, or raise `PayloadError`."""
-        value = payload
-        if self.typed and not (
-            isinstance(self.payload_type, type) and isinstance(payload, self.payload_type)
-        ):
-            try:
-                value = msgspec.convert(payload, self.payload_type)
-            except msgspec.ValidationError as exc:
-                expected = getattr(self.payload_type, "__name__", repr(self.payload_type))
-                raise PayloadError(
-                    f"payload for topic {self.name!r} is not a valid {expected}: {exc}"
-                ) from exc
-        try:
-            return _json.encode(value)
-        except (TypeError, msgspec.EncodeError) as exc:
-            raise PayloadError(
-                f"payload for topic {self.name!r} is not JSON-serialisable: {exc}"
-            ) from exc
+        return _encode(payload, self.payload_type, f"payload for topic {self.name!r}")
 
     def decode(self, data: bytes | str) -> P:
-        try:
-            if self.typed:
-                decoded: P = msgspec.json.decode(data, type=self.payload_type)
-            else:
-                decoded = msgspec.json.decode(data)
-        except msgspec.ValidationError as exc:
-            raise PayloadError(f"payload on topic {self.name!r} does not decode: {exc}") from exc
+        decoded: P = _decode(data, self.payload_type, f"payload on topic {self.name!r}")
         return decoded
+
+    def encode_result(self, value: Any) -> bytes:
+        return _encode(value, self.result_type, f"result for topic {self.name!r}")
+
+    def decode_result(self, data: bytes | str) -> Any:
+        return _decode(data, self.result_type, f"result on topic {self.name!r}")
 
     def __repr__(self) -> str:
         return f"Topic({self.name!r})"
@@ -66,6 +55,26 @@ class Topic(Generic[P]):
 
     def __hash__(self) -> int:
         return hash(self.name)
+
+
+def _encode(value: Any, kind: Any, what: str) -> bytes:
+    if kind is not Any and not (isinstance(kind, type) and isinstance(value, kind)):
+        try:
+            value = msgspec.convert(value, kind)
+        except msgspec.ValidationError as exc:
+            expected = getattr(kind, "__name__", repr(kind))
+            raise PayloadError(f"{what} is not a valid {expected}: {exc}") from exc
+    try:
+        return _json.encode(value)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def _decode(data: bytes | str, kind: Any, what: str) -> Any:
+    try:
+        return msgspec.json.decode(data) if kind is Any else msgspec.json.decode(data, type=kind)
+    except msgspec.ValidationError as exc:
+        raise PayloadError(f"{what} does not decode: {exc}") from exc
 
 
 def as_topic(topic: Topic[Any] | str) -> Topic[Any]:

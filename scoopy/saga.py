@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, overload
 
 from .errors import SagaDefinitionError, check_name, check_step_name
@@ -78,6 +79,10 @@ class RollbackFn(Protocol):
     ) -> Awaitable[None]: ...
 
 
+class CleanupFn(Protocol):
+    def __call__(self, scope: Scope, message: Message[Any], /) -> Awaitable[None]: ...
+
+
 class ChildFailureFn(Protocol):
     def __call__(
         self, scope: Scope, message: Message[Any], failure: CooperationError, /
@@ -86,24 +91,81 @@ class ChildFailureFn(Protocol):
 
 @dataclass(eq=False)
 class Step:
-    """One step of a saga. Use `@step.rollback` and `@step.on_child_failure` to add handlers."""
+    """One step of a saga.
+
+    Decorators add handlers: `@step.rollback` (compensation), `@step.on_child_failure`
+    and `@step.finally_` (a distributed try/finally around the work the step launches).
+    """
 
     saga: Saga
     name: str
     index: int
     invoke: StepFn
     retry: RetryPolicy | None = None
-    compensate: RollbackFn | None = None
     child_failure: ChildFailureFn | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    undo: RollbackFn | None = None
+    cleanup: CleanupFn | None = None
+
+    @property
+    def compensate(self) -> RollbackFn | None:
+        """What rolling this step back runs: its `finally_` (once) and then its rollback."""
+        if self.cleanup is None:
+            return self.undo
+        return self._compensate_with_cleanup
+
+    async def _compensate_with_cleanup(
+        self, scope: Scope, message: Message[Any], failure: BaseException
+    ) -> None:
+        await self._cleanup_once(scope, message)
+        if self.undo is not None:
+            await self.undo(scope, message, failure)
+
+    async def _cleanup_once(self, scope: Scope, message: Message[Any]) -> None:
+        # The marker lives in the run's context so that it travels into the rollback path;
+        # its key names the run, so a parent's marker merged into a child never collides.
+        from .context import ContextKey
+
+        done: ContextKey[list[str]] = ContextKey(f"scoopy.finally.{scope.run_id}", list[str])
+        ran = scope.context.get(done, [])
+        if self.name in ran:
+            return
+        assert self.cleanup is not None
+        await self.cleanup(scope, message)
+        scope.context[done] = [*ran, self.name]
 
     def rollback(self, fn: RollbackFn) -> RollbackFn:
         """Decorate the compensating action run when this step, once committed, is rolled back."""
-        if self.compensate is not None:
+        if self.undo is not None:
             raise SagaDefinitionError(
                 f"step {self.name!r} of {self.saga.name!r} has a rollback already"
             )
-        self.compensate = fn
+        self.undo = fn
+        return fn
+
+    def finally_(self, fn: CleanupFn) -> CleanupFn:
+        """Decorate an action that runs exactly once when the work this step launched is over.
+
+        It runs after every child of the step committed (in a step of its own, named
+        "<step> (finally)"), or during rollback before this step's compensation, or, if the
+        step itself raises, right away in the step's (doomed) transaction.
+        """
+        if self.cleanup is not None:
+            raise SagaDefinitionError(f"step {self.name!r} of {self.saga.name!r} has a finally_")
+        self.cleanup = fn
+        body = self.invoke
+
+        async def guarded(scope: Scope, message: Message[Any]) -> NextStep | None:
+            try:
+                return await body(scope, message)
+            except Exception:
+                await fn(scope, message)
+                raise
+
+        async def after_children(scope: Scope, message: Message[Any]) -> None:
+            await self._cleanup_once(scope, message)
+
+        self.invoke = guarded
+        self.saga._insert(self.index + 1, f"{self.name} (finally)", after_children)
         return fn
 
     def on_child_failure(self, fn: ChildFailureFn) -> ChildFailureFn:
@@ -156,6 +218,22 @@ class Saga:
             return self._add(fn, name, retry)
 
         return decorate
+
+    def sleep(self, duration: timedelta | float, name: str | None = None) -> Step:
+        """Add a step that only sleeps: the run resumes after `duration` (durably)."""
+
+        async def sleeping(scope: Scope, message: Message[Any]) -> None:
+            await scope.sleep(duration)
+
+        return self._add(sleeping, name or f"sleep {len(self.steps)}", None)
+
+    def _insert(self, index: int, name: str, fn: StepFn) -> Step:
+        step = self._add(fn, name, None)
+        self.steps.remove(step)
+        self.steps.insert(index, step)
+        for position, each in enumerate(self.steps):
+            each.index = position
+        return step
 
     def _add(self, fn: StepFn, name: str | None, retry: RetryPolicy | None) -> Step:
         step_name = check_step_name(name if name is not None else getattr(fn, "__name__", ""))

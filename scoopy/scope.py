@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .context import AnyKey, CooperationContext
-from .errors import HierarchyTooDeepError
+from .errors import HierarchyTooDeepError, RecursionLimitError
 from .ids import uuid7
 from .message import Message, Topic, as_topic
 
@@ -28,6 +28,16 @@ def current_scope() -> Scope:
 
 
 ContextArg = CooperationContext | Mapping[AnyKey, Any] | None
+
+
+class StepServices(Protocol):
+    """What the engine lends a scope while a step runs."""
+
+    def now(self) -> datetime: ...
+    async def give_up_check(self) -> None: ...
+    async def child_results(self, instance: int) -> list[tuple[str, str, str]]: ...
+    async def saga_in_lineage(self) -> int: ...
+    async def message_by_key(self, key: str) -> uuid.UUID | None: ...
 
 
 class Scope:
@@ -50,9 +60,12 @@ class Scope:
         instance: int,
         context: CooperationContext,
         connection: Connection,
-        now: Callable[[], datetime],
+        topic: Topic[Any],
+        own_topics: set[str],
         max_depth: int,
-        give_up_check: Callable[[], Awaitable[None]],
+        max_recursion: int,
+        services: StepServices,
+        handler_iteration: int | None = None,
     ) -> None:
         self.run_id = run_id
         self.root_id = root_id
@@ -61,15 +74,20 @@ class Scope:
         self.step = step
         self.iteration = iteration
         self.attempt = attempt
+        self.handler_iteration = handler_iteration
         self.context = context
+        self.launches: list[NewMessage] = []
+        self.resume_at: datetime | None = None  # set by sleep(); the run resumes then
+        self.result: str | None = None
+        self.touched = False  # whether user code reached for the connection
+        self.previous_instance = 0  # the step instance whose children `child_results` reads
         self._connection = connection
         self._instance = instance
-        self._now = now
+        self._topic = topic
+        self._own_topics = own_topics
         self._max_depth = max_depth
-        self._give_up_check = give_up_check
-        self.launches: list[NewMessage] = []
-        self.sleep_until: datetime | None = None
-        self.touched = False  # whether user code reached for the connection
+        self._max_recursion = max_recursion
+        self._services = services
 
     @property
     def connection(self) -> Connection:
@@ -82,75 +100,146 @@ class Scope:
         """How many runs deep this run is (a root run is 1)."""
         return len(self.lineage) - 1
 
+    def now(self) -> datetime:
+        """The database clock, as seen by this step."""
+        return self._services.now()
+
+    # -- launching -------------------------------------------------------------------------
+
     async def launch(
-        self, topic: Topic[Any] | str, payload: Any, context: ContextArg = None
+        self,
+        topic: Topic[Any] | str,
+        payload: Any,
+        context: ContextArg = None,
+        *,
+        key: str | None = None,
     ) -> Message[Any]:
         """Emit a message inside this run's hierarchy; the run waits for everyone it reaches.
 
-        The children start from this step's context as of now, with `context` on top.
+        The children start from this step's context as of now, with `context` on top. With
+        `key`, at most one message per key is ever launched: a later launch returns the first.
         """
-        from .engine.store import NewMessage
-
         resolved = as_topic(topic)
         body = resolved.encode(payload)
+        existing = await self._existing(key, resolved, payload)
+        if existing is not None:
+            return existing
         if self.depth + 1 > self._max_depth:
             raise HierarchyTooDeepError(
                 f"launching onto {resolved.name!r} from {self.saga!r} would make the hierarchy "
                 f"{self.depth + 1} runs deep; the maximum is {self._max_depth}"
             )
+        if resolved.name in self._own_topics:
+            nested = await self._services.saga_in_lineage()
+            if nested >= self._max_recursion:
+                raise RecursionLimitError(
+                    f"saga {self.saga!r} launches onto its own topic {resolved.name!r} from "
+                    f"{nested} nested runs of itself; the limit is {self._max_recursion}"
+                )
         extra = CooperationContext.coerce(context) if context is not None else None
         child_context = self.context.merged(extra)
-        message_id = uuid7()
-        self.launches.append(
-            NewMessage(
-                id=message_id,
-                root_id=self.root_id,
-                topic=resolved.name,
-                payload=body.decode(),
-                context=_text(child_context.encode()),
-                instance=self._instance,
-            )
-        )
-        return Message(message_id, resolved.name, payload)
+        return self._buffer(resolved, payload, body, child_context, self.root_id, key, True)
 
     async def launch_global(
-        self, topic: Topic[Any] | str, payload: Any, context: ContextArg = None
+        self,
+        topic: Topic[Any] | str,
+        payload: Any,
+        context: ContextArg = None,
+        *,
+        key: str | None = None,
     ) -> Message[Any]:
         """Start an independent hierarchy (committed with this step); nobody waits for it.
 
-        Only `context` is passed on, not this step's context.
+        Only `context` is passed on, not this step's context. The message's id is the new
+        hierarchy's root id.
         """
-        from .engine.store import NewMessage
-
         resolved = as_topic(topic)
         body = resolved.encode(payload)
+        existing = await self._existing(key, resolved, payload)
+        if existing is not None:
+            return existing
         own = CooperationContext.coerce(context)
+        return self._buffer(resolved, payload, body, own, None, key, False)
+
+    async def _existing(
+        self, key: str | None, topic: Topic[Any], payload: Any
+    ) -> Message[Any] | None:
+        if key is None:
+            return None
+        for launch in self.launches:
+            if launch.key == key:
+                return Message(launch.id, launch.topic, payload)
+        found = await self._services.message_by_key(key)
+        return None if found is None else Message(found, topic.name, payload)
+
+    def _buffer(
+        self,
+        topic: Topic[Any],
+        payload: Any,
+        body: bytes,
+        context: CooperationContext,
+        root_id: uuid.UUID | None,
+        key: str | None,
+        scoped: bool,
+    ) -> Message[Any]:
+        from .engine.store import NewMessage
+
         message_id = uuid7()
+        encoded = context.encode()
         self.launches.append(
             NewMessage(
                 id=message_id,
-                root_id=message_id,
-                topic=resolved.name,
+                root_id=root_id or message_id,
+                topic=topic.name,
                 payload=body.decode(),
-                context=_text(own.encode()),
-                instance=None,
+                context=None if encoded is None else encoded.decode(),
+                instance=self._instance if scoped else None,
+                key=key,
             )
         )
-        return Message(message_id, resolved.name, payload)
+        return Message(message_id, topic.name, payload)
+
+    # -- time and control ------------------------------------------------------------------
 
     async def give_up_if_needed(self) -> None:
         """Raise `GaveUp` now if this run was cancelled or missed a deadline."""
-        await self._give_up_check()
+        await self._services.give_up_check()
 
     async def sleep(self, duration: timedelta | float) -> None:
         """Suspend the run after this step until `duration` has passed (survives restarts)."""
         span = duration if isinstance(duration, timedelta) else timedelta(seconds=duration)
-        self.sleep_until = self._now() + span
+        self.resume_at = self.now() + span
 
-    def now(self) -> datetime:
-        """The database clock, as seen by this step."""
-        return self._now()
+    async def sleep_until(self, when: datetime) -> None:
+        """Suspend the run after this step until `when` (survives restarts)."""
+        self.resume_at = when
 
+    # -- results ---------------------------------------------------------------------------
 
-def _text(data: bytes | None) -> str | None:
-    return None if data is None else data.decode()
+    def set_result(self, value: Any) -> None:
+        """The value this run returns to its parent (validated against the topic's result type)."""
+        self.result = self._topic.encode_result(value).decode()
+
+    async def child_results(self, topic: Topic[Any] | str | None = None) -> dict[str, list[Any]]:
+        """Results of the children of this run's previous step, by saga name.
+
+        With a typed `topic` (one with a `result` type), only children that received a
+        message on that topic are included, and their results are decoded to that type.
+        """
+        wanted = None if topic is None else as_topic(topic)
+        results: dict[str, list[Any]] = {}
+        for saga, raw, topic_name in await self._services.child_results(self.previous_instance):
+            if wanted is not None and topic_name != wanted.name:
+                continue
+            decoder = wanted or Topic(topic_name)
+            results.setdefault(saga, []).append(decoder.decode_result(raw))
+        return results
+
+    async def child_result(self, saga: str, topic: Topic[Any] | str | None = None) -> Any:
+        """The one result of the previous step's child run of `saga`."""
+        values = (await self.child_results(topic)).get(saga, [])
+        if len(values) != 1:
+            raise LookupError(
+                f"expected one result from a child run of {saga!r}, found {len(values)}"
+            )
+        return values[0]

@@ -130,7 +130,7 @@ async def test_a_saga_without_steps_cannot_be_subscribed(
     async with make_coop() as coop:
         with pytest.raises(SagaDefinitionError, match="saga 'empty' has no steps"):
             coop.subscribe("topic", Saga("empty"))
-        assert await coop.subscriptions() == []
+        assert ("topic", "empty") not in await coop.subscriptions()
 
 
 def test_two_steps_with_one_name_are_refused() -> None:

@@ -88,7 +88,8 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     handlers: int = 0  # on_child_failure invocations for the latest step
     attempt: int = 1  # attempt number of the next step
     attempts: list[CooperationFailure] = []
-    resume_at: datetime | None = None
+    resume_at: datetime | None = None  # asked for by the step (sleep) or a retry backoff
+    suspended_at: datetime | None = None  # when the latest instance finished
     origin: Literal["self", "parent", "external"] | None = None
     cause: CooperationFailure | None = None
     plan: list[Instance] | None = None  # instances still to roll back, newest first
@@ -114,7 +115,9 @@ class Wake:
     pending: int = 0
     child_failures: tuple[ChildOutcome, ...] = ()
     history: tuple[Instance, ...] | None = None
-    give_up: CooperationFailure | None = None
+    give_up: CooperationFailure | None = None  # the strategy's reason to give up now
+    resume_at: datetime | None = None  # the strategy's earliest time to resume
+    detach: bool = False  # the strategy stopped waiting for children that have not started
 
 
 class EventSpec(NamedTuple):
@@ -161,6 +164,10 @@ class SkipUnstarted(NamedTuple):
     """Give up on children that have not started: they will never run."""
 
 
+class DetachUnstarted(NamedTuple):
+    """Stop waiting for children that have not started: they run outside the hierarchy."""
+
+
 class NeedHistory(NamedTuple):
     """Load the run's committed instances, then resume again."""
 
@@ -187,6 +194,7 @@ Action = (
     | Compensate
     | RollbackChildren
     | SkipUnstarted
+    | DetachUnstarted
     | NeedHistory
     | Again
     | Wait
@@ -249,9 +257,16 @@ class Machine:
             return self._resume_happy(state, wake)
         return self._resume_rollback(state, wake)
 
+    def _waiting(self, s: RunState, w: Wake) -> Transition:
+        if w.give_up is not None:
+            return Transition(s, SkipUnstarted())
+        if w.detach:
+            return Transition(s, DetachUnstarted())
+        return Transition(s, Wait())
+
     def _resume_happy(self, s: RunState, w: Wake) -> Transition:
         if w.pending > 0:
-            return Transition(s, SkipUnstarted() if w.give_up else Wait())
+            return self._waiting(s, w)
         if w.child_failures:
             failure, tainted = self.children_failure(s.last, w.child_failures)
             if w.give_up is not None:
@@ -262,8 +277,8 @@ class Machine:
             )
         if w.give_up is not None:
             return self.fail(s, self.gave_up(w.give_up), s.step if s.step is not None else s.last)
-        if s.resume_at is not None and s.resume_at > w.now:
-            return Transition(s, Wait(s.resume_at))
+        if w.resume_at is not None and w.resume_at > w.now:
+            return Transition(s, Wait(w.resume_at))
         if s.step is None:
             committed = EventSpec(EventType.COMMITTED, step=self.name(s.last))
             return Transition(s, Finish("committed"), [committed])
@@ -271,7 +286,7 @@ class Machine:
 
     def _resume_rollback(self, s: RunState, w: Wake) -> Transition:
         if w.pending > 0:
-            return Transition(s, SkipUnstarted() if w.give_up else Wait())
+            return self._waiting(s, w)
         if w.child_failures:
             s = msgspec.structs.replace(
                 s, errors=[*s.errors, *self.rollback_errors(w.child_failures)]
@@ -447,6 +462,7 @@ class Machine:
         act: Invoke,
         next_step: tuple[int | None, int],
         sleep_until: datetime | None = None,
+        now: datetime | None = None,
     ) -> Transition:
         event = EventSpec(
             EventType.SUSPENDED,
@@ -468,6 +484,7 @@ class Machine:
             attempt=1,
             attempts=[],
             resume_at=sleep_until,
+            suspended_at=now,
         )
         return Transition(state, Again(), [event])
 
@@ -505,7 +522,11 @@ class Machine:
         return self.fail(s, failure, act.step)
 
     def after_handler(
-        self, s: RunState, act: HandleChildren, next_step: tuple[int | None, int] | None
+        self,
+        s: RunState,
+        act: HandleChildren,
+        next_step: tuple[int | None, int] | None,
+        now: datetime | None = None,
     ) -> Transition:
         """The child-failure handler returned: the failure is handled and consumed."""
         event = EventSpec(
@@ -524,6 +545,7 @@ class Machine:
             step=following,
             iteration=iteration,
             handlers=act.handler_iteration + 1,
+            suspended_at=now,
         )
         return Transition(state, Again(), [event])
 
@@ -554,7 +576,9 @@ class Machine:
         )
         return Transition(state, Again(), [event])
 
-    def after_compensation(self, s: RunState, act: Compensate) -> Transition:
+    def after_compensation(
+        self, s: RunState, act: Compensate, now: datetime | None = None
+    ) -> Transition:
         inst = act.instance
         event = EventSpec(
             EventType.SUSPENDED,
@@ -566,7 +590,7 @@ class Machine:
         )
         assert s.plan is not None
         state = msgspec.structs.replace(
-            s, seq=act.seq, last=inst.step, plan=s.plan[1:], children_done=False
+            s, seq=act.seq, last=inst.step, plan=s.plan[1:], children_done=False, suspended_at=now
         )
         return Transition(state, Again(), [event])
 

@@ -31,6 +31,7 @@ from .machine import (
     Again,
     ChildOutcome,
     Compensate,
+    DetachUnstarted,
     EventSpec,
     EventType,
     Finish,
@@ -123,11 +124,13 @@ class Runner:
         listen: bool,
         max_depth: int,
         on_committed: Callable[[Advanced], None],
+        max_recursion: int = 16,
     ) -> None:
         self.store = store
         self.worker = worker
         self.listen = listen
         self.max_depth = max_depth
+        self.max_recursion = max_recursion
         self.on_committed = on_committed
         self._strikes: dict[uuid.UUID, int] = {}
 
@@ -172,6 +175,7 @@ class _Advance:
         self.conn = conn
         self.binding = binding
         self.saga = binding.saga
+        self.strategy = binding.strategy
         self.run = claimed
         self.source = f"{self.saga.name}[{claimed.id}]"
         self.machine = Machine(self.saga.steps, self.saga.name, self.source)
@@ -188,20 +192,25 @@ class _Advance:
         self.message: Message[Any] | None = None
         self.pending = claimed.pending
         self.reset_failed = False
+        self.result: str | None = None
+        self.state = _state_decoder.decode(claimed.state)
 
     # -- helpers ---------------------------------------------------------------------------
 
     def now(self) -> datetime:
         return self.run.now + timedelta(seconds=time.monotonic() - self.started_at)
 
-    def view(self, state: RunState) -> RunView:
+    def view(self, state: RunState, now: datetime | None = None) -> RunView:
         return RunView(
             run_id=str(self.run.id),
             saga=self.saga.name,
             path=state.path,
-            now=self.now(),
+            now=now or self.now(),
             context=self.context,
             cancellation=self.cancellation,
+            sleep_until=state.resume_at,
+            suspended_at=state.suspended_at,
+            waiting=self.pending > 0,
         )
 
     def add(self, spec: EventSpec) -> None:
@@ -225,22 +234,33 @@ class _Advance:
         )
 
     def wake(self, state: RunState, **changes: Any) -> Wake:
-        base = Wake(now=self.now(), pending=self.pending)
-        give_up = self.binding.strategy.give_up(self.view(state))
-        return replace(base, give_up=give_up, **changes)
+        """The facts to resume with; every decision about time is the strategy's."""
+        view = self.view(state)
+        return replace(
+            Wake(
+                now=view.now,
+                pending=self.pending,
+                give_up=self.strategy.give_up(view),
+                resume_at=self.strategy.resume_at(view),
+                detach=self.pending > 0 and self.strategy.detach_unstarted(view),
+            ),
+            **changes,
+        )
+
+    def topic(self) -> Topic[Any]:
+        return self.binding.topic(self.run.topic)
 
     def payload(self) -> Message[Any]:
         if self.message is None:
-            topic = self.binding.topic(self.run.topic)
             self.message = Message(
-                self.run.message_id, self.run.topic, topic.decode(self.run.payload)
+                self.run.message_id, self.run.topic, self.topic().decode(self.run.payload)
             )
         return self.message
 
     # -- the loop --------------------------------------------------------------------------
 
     async def advance(self) -> Advanced:
-        state = _state_decoder.decode(self.run.state)
+        state = self.state
         if self.run.status == "pending":
             self.add(EventSpec(EventType.SEEN))
         if self.run.rollback_request is not None:
@@ -296,10 +316,15 @@ class _Advance:
                 ran_user_code = True
             elif isinstance(action, RollbackChildren):
                 transition = await self.rollback_children(state, action)
-            elif isinstance(action, SkipUnstarted):
-                self.pending -= await self.store.skip_unstarted(self.conn, self.run.id)
+            elif isinstance(action, (SkipUnstarted, DetachUnstarted)):
+                if isinstance(action, SkipUnstarted):
+                    released = await self.store.skip_unstarted(self.conn, self.run.id)
+                else:
+                    released = await self.store.detach_unstarted(self.conn, self.run.id)
+                self.pending -= released
                 if self.pending > 0:
-                    return await self.finish(state, ready_at=None)
+                    # The children that did start are waited for; they finish on their own.
+                    return await self.finish(state, ready_at=self.wait_until(state, Wait()))
                 transition = self.machine.resume(state, self.wake(state))
             elif isinstance(action, Wait):
                 return await self.finish(state, ready_at=self.wait_until(state, action))
@@ -307,17 +332,43 @@ class _Advance:
                 return await self.finish(state, ready_at=None, final=action)
 
     def wait_until(self, state: RunState, action: Wait) -> datetime | None:
-        deadline = self.binding.strategy.wake_at(self.view(state))
+        wake = self.strategy.wake_at(self.view(state))
+        if wake is not None and wake <= self.now():
+            wake = None  # already acted on: waking for it again would only spin
         if self.pending > 0:
-            # Wake at the deadline to give up on children that never started; a deadline
-            # already handled would only wake us in a loop.
-            return deadline if deadline is not None and deadline > self.now() else None
-        candidates = [t for t in (action.until, deadline) if t is not None]
+            return wake
+        candidates = [t for t in (action.until, wake) if t is not None]
         return min(candidates) if candidates else self.run.now
+
+    # -- services for the Scope ------------------------------------------------------------
+
+    async def give_up_check(self) -> None:
+        cancellation, db_now = await self.store.cancellation_of(self.conn, self.run.lineage)
+        if cancellation is not None:
+            self.cancellation = CooperationFailure.from_json(cancellation)
+        reason = self.strategy.give_up(self.view(self.state, now=db_now))
+        if reason is not None:
+            raise GaveUp(self.machine.gave_up(reason))
+
+    async def child_results(self, instance: int) -> list[tuple[str, str, str]]:
+        return await self.store.child_results(self.conn, self.run.id, instance)
+
+    async def saga_in_lineage(self) -> int:
+        return await self.store.saga_in_lineage(self.conn, self.run.lineage, self.saga.name)
+
+    async def message_by_key(self, key: str) -> uuid.UUID | None:
+        return await self.store.message_by_key(self.conn, key)
 
     # -- user code -------------------------------------------------------------------------
 
-    def scope(self, step: str, iteration: int, attempt: int, instance: int) -> Scope:
+    def scope(
+        self,
+        step: str,
+        iteration: int,
+        attempt: int,
+        instance: int,
+        handler_iteration: int | None = None,
+    ) -> Scope:
         return Scope(
             run_id=self.run.id,
             root_id=self.run.root_id,
@@ -327,22 +378,15 @@ class _Advance:
             iteration=iteration,
             attempt=attempt,
             instance=instance,
+            handler_iteration=handler_iteration,
             context=self.context,
             connection=self.conn,
-            now=self.now,
+            topic=self.topic(),
+            own_topics=set(self.binding.topics),
             max_depth=self.runner.max_depth,
-            give_up_check=self.give_up_check,
+            max_recursion=self.runner.max_recursion,
+            services=self,
         )
-
-    async def give_up_check(self) -> None:
-        cancellation, db_now = await self.store.cancellation_of(self.conn, self.run.lineage)
-        if cancellation is not None:
-            self.cancellation = CooperationFailure.from_json(cancellation)
-        state = _state_decoder.decode(self.run.state)
-        view = replace(self.view(state), now=db_now)
-        reason = self.binding.strategy.give_up(view)
-        if reason is not None:
-            raise GaveUp(self.machine.gave_up(reason))
 
     async def user_code(
         self, scope: Scope, call: Callable[[], Any]
@@ -367,15 +411,19 @@ class _Advance:
             _current.reset(token)
         if scope.launches:
             await self.emit(scope)
+        if scope.result is not None:
+            self.result = scope.result
         return result, None
 
     async def emit(self, scope: Scope) -> None:
-        created = await self.store.emit(self.conn, scope.launches, self.run)
+        inserted, created = await self.store.emit(self.conn, scope.launches, self.run)
         children = {launch.id for launch in scope.launches if launch.scoped}
         self.pending += sum(1 for message_id, _ in created if message_id in children)
         for _, saga in created:
             self.notify_saga(saga)
         for launch in scope.launches:
+            if launch.id not in inserted:
+                continue  # its key was taken by a concurrent launch
             self.events.append(
                 EventRow(
                     root_id=launch.root_id,
@@ -399,6 +447,7 @@ class _Advance:
         step = self.saga.steps[act.step]
         before = self.context.copy()
         scope = self.scope(step.name, act.iteration, act.attempt, act.seq)
+        scope.previous_instance = state.seq
 
         async def call() -> tuple[int | None, int]:
             nxt = await step.invoke(scope, self.payload())
@@ -406,7 +455,7 @@ class _Advance:
 
         following, error = await self.user_code(scope, call)
         if error is None:
-            return self.machine.after_invoke(state, act, following, scope.sleep_until)
+            return self.machine.after_invoke(state, act, following, scope.resume_at, now=self.now())
         failure = failure_from_exception(error, self.source)
         retry_in = (
             step.retry.delay(act.attempt)
@@ -415,7 +464,6 @@ class _Advance:
         )
         if retry_in is not None:
             self.context = before  # the failed attempt's context changes vanish with it
-        self.pending = self.run.pending
         return self.machine.step_failed(state, act, failure, retry_in, self.now())
 
     async def handle_children(self, state: RunState, act: HandleChildren) -> Transition:
@@ -423,21 +471,22 @@ class _Advance:
         handler = step.child_failure
         if handler is None:
             return self.machine.handler_failed(state, act, act.failure)
-        scope = self.scope(step.name, state.last_iteration, 1, act.seq)
-        error_to_handle = act.failure
+        scope = self.scope(
+            step.name, state.last_iteration, 1, act.seq, handler_iteration=act.handler_iteration
+        )
+        scope.previous_instance = state.seq
+        error = act.failure.to_exception()
 
         async def call() -> tuple[int | None, int] | None:
-            nxt = await handler(scope, self.payload(), error_to_handle_exc)
+            nxt = await handler(scope, self.payload(), error)
             if nxt is None:
                 return None
             return self.machine.next_of(act.step, state.last_iteration, nxt)
 
-        error_to_handle_exc = error_to_handle.to_exception()
-        following, error = await self.user_code(scope, call)
-        if error is None:
-            return self.machine.after_handler(state, act, following)
-        self.pending = 0
-        return self.machine.handler_failed(state, act, failure_from_exception(error, self.source))
+        following, raised = await self.user_code(scope, call)
+        if raised is None:
+            return self.machine.after_handler(state, act, following, now=self.now())
+        return self.machine.handler_failed(state, act, failure_from_exception(raised, self.source))
 
     async def compensate(self, state: RunState, act: Compensate) -> Transition:
         step = self.saga.steps[act.instance.step]
@@ -451,8 +500,7 @@ class _Advance:
 
         _, error = await self.user_code(scope, call)
         if error is None:
-            return self.machine.after_compensation(state, act)
-        self.pending = 0
+            return self.machine.after_compensation(state, act, now=self.now())
         return self.machine.compensation_failed(
             state, act, failure_from_exception(error, self.source)
         )
@@ -493,7 +541,11 @@ class _Advance:
         return self.machine.after_rollback_children(state, act)
 
     async def finish(
-        self, state: RunState, *, ready_at: datetime | None, final: Finish | None = None
+        self,
+        state: RunState,
+        *,
+        ready_at: datetime | None,
+        final: Finish | None = None,
     ) -> Advanced:
         terminal = final is not None
         view = self.view(state)
@@ -509,6 +561,9 @@ class _Advance:
             self.notify.append(f"d:{self.run.root_id}")
         if ready_at is not None and not terminal:
             self.ready_sagas.add(self.saga.name)
+        deadline = None if terminal else self.strategy.wake_at(view)
+        if deadline is not None and deadline <= view.now:
+            deadline = None  # already acted on
         write = RunWrite(
             run_id=self.run.id,
             status=status,
@@ -517,10 +572,11 @@ class _Advance:
             reset_failed=self.reset_failed,
             ready_at=None if terminal else ready_at,
             resume_at=None if terminal else state.resume_at,
-            deadline_at=None if terminal else self.binding.strategy.wake_at(view),
+            deadline_at=deadline,
             context=_text(self.context.encode()),
             failure=_json(final.failure) if final is not None else None,
             rollback_failure=_json(final.rollback_failure) if final is not None else None,
+            result=self.result,
             terminal=terminal,
             parent_id=self.run.parent_id,
             parent_failed=parent_failed,

@@ -37,6 +37,7 @@ class NewMessage:
     payload: str
     context: str | None
     instance: int | None  # the emitting step instance; None for a launch outside the hierarchy
+    key: str | None = None  # idempotency key: at most one message per key
 
     @property
     def scoped(self) -> bool:
@@ -169,6 +170,7 @@ class Store:
                    clock_timestamp() AS now
               FROM {q}.run r JOIN {q}.message m ON m.id = r.message_id
              WHERE r.saga = $1 AND r.ready_at <= clock_timestamp()
+               AND NOT EXISTS (SELECT 1 FROM {q}.paused_saga p WHERE p.saga = $1)
              ORDER BY r.ready_at
              LIMIT 1
                FOR UPDATE OF r SKIP LOCKED"""
@@ -176,9 +178,10 @@ class Store:
         self.sql_emit = f"""
             WITH m AS (
                 INSERT INTO {q}.message (id, root_id, topic, payload, context, parent_run_id,
-                                         parent_instance)
+                                         parent_instance, key)
                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[],
-                                     $6::uuid[], $7::int[])
+                                     $6::uuid[], $7::int[], $9::text[])
+                ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING
                 RETURNING id, root_id, topic, context, parent_run_id, parent_instance
             ), x AS (
                 SELECT gen_random_uuid() AS id, m.id AS message_id, m.root_id, m.context,
@@ -195,6 +198,8 @@ class Store:
                   FROM x
                 RETURNING message_id, saga
             )
+            SELECT id AS message_id, NULL::text AS saga FROM m
+            UNION ALL
             SELECT message_id, saga FROM r"""
 
         self.sql_finish = f"""
@@ -301,26 +306,39 @@ class Store:
 
         self.sql_launch = f"""
             WITH m AS (
-                INSERT INTO {q}.message (id, root_id, topic, payload, context)
-                VALUES ($1, $1, $2, $3::jsonb, $4::jsonb)
+                INSERT INTO {q}.message (id, root_id, topic, payload, context, key)
+                VALUES ($1, $1, $2, $3::jsonb, $4::jsonb, $8)
+                ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING
                 RETURNING id, topic, context
             ), ev AS (
                 INSERT INTO {q}.event (root_id, message_id, type, lineage, worker, context)
-                VALUES ($1, $1, 'EMITTED', ARRAY[$1::uuid], $5, $4::jsonb)
+                SELECT $1, $1, 'EMITTED', ARRAY[$1::uuid], $5, $4::jsonb FROM m
                 RETURNING 1
+            ), due AS (
+                SELECT COALESCE($9::timestamptz,
+                                clock_timestamp() + make_interval(secs => COALESCE($10, 0)))
+                       AS at
             ), x AS (
                 SELECT gen_random_uuid() AS id, s.saga, m.context
                   FROM m JOIN {q}.subscription s ON s.topic = m.topic
             ), r AS (
-                INSERT INTO {q}.run (id, root_id, message_id, saga, lineage, context, ready_at)
-                SELECT x.id, $1, $1, x.saga, ARRAY[$1::uuid, x.id], x.context, clock_timestamp()
-                  FROM x
-                RETURNING saga
+                INSERT INTO {q}.run (id, root_id, message_id, saga, lineage, context, ready_at,
+                                     state)
+                SELECT x.id, $1, $1, x.saga, ARRAY[$1::uuid, x.id], x.context, due.at,
+                       CASE WHEN due.at > clock_timestamp()
+                            THEN jsonb_build_object('resume_at', due.at) ELSE '{{}}' END
+                  FROM x, due
+                RETURNING saga, ready_at
             ), nt AS (
-                SELECT pg_notify($6, 'r:' || saga) FROM (SELECT DISTINCT saga FROM r) d WHERE $7
+                SELECT pg_notify($6, 'r:' || saga)
+                  FROM (SELECT DISTINCT saga FROM r WHERE ready_at <= clock_timestamp()) d
+                 WHERE $7
             )
-            SELECT (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM nt) AS notified,
-                   ARRAY(SELECT saga FROM r) AS sagas"""
+            SELECT (SELECT count(*) FROM m) AS inserted, (SELECT count(*) FROM ev) AS events,
+                   (SELECT count(*) FROM nt) AS notified,
+                   ARRAY(SELECT saga FROM r) AS sagas,
+                   (SELECT id FROM {q}.message WHERE key = $8 AND NOT EXISTS (SELECT 1 FROM m))
+                       AS existing"""
 
         self.sql_root_runs = f"""
             SELECT id, saga, status, failure::text AS failure,
@@ -332,6 +350,46 @@ class Store:
             SELECT (SELECT c.failure::text FROM {q}.cancellation c
                      WHERE c.target = ANY ($1::uuid[]) ORDER BY c.created_at LIMIT 1),
                    clock_timestamp()"""
+
+        self.sql_message_by_key = f"SELECT id FROM {q}.message WHERE key = $1"
+        self.sql_now = "SELECT clock_timestamp()"
+        self.sql_active_chains = f"""
+            SELECT DISTINCT r.root_id
+              FROM {q}.run r JOIN {q}.message m ON m.id = r.message_id
+             WHERE r.saga = $1 AND r.ready_at IS NOT NULL AND r.status IN ('pending', 'active')
+               AND (m.key = $2 OR starts_with(m.key, $3))
+               AND NOT EXISTS (SELECT 1 FROM {q}.cancellation c WHERE c.target = r.root_id)"""
+
+        self.sql_child_results = f"""
+            SELECT r.saga, r.result::text AS result, m.topic
+              FROM {q}.run r JOIN {q}.message m ON m.id = r.message_id
+             WHERE r.parent_id = $1 AND r.parent_instance = $2 AND r.status = 'committed'
+               AND r.result IS NOT NULL
+             ORDER BY r.created_at, r.id"""
+
+        self.sql_saga_in_lineage = f"""
+            SELECT count(*) FROM {q}.run WHERE id = ANY ($1::uuid[]) AND saga = $2"""
+
+        self.sql_detach_unstarted = f"""
+            WITH s AS (
+                SELECT id FROM {q}.run
+                 WHERE parent_id = $1 AND awaited AND status = 'pending'
+                   FOR UPDATE SKIP LOCKED
+            ), u AS (
+                UPDATE {q}.run r
+                   SET parent_id = NULL, parent_instance = NULL, parent_wait = NULL,
+                       awaited = false, root_id = r.message_id,
+                       lineage = ARRAY[r.message_id, r.id], updated_at = clock_timestamp()
+                  FROM s WHERE r.id = s.id
+                RETURNING 1
+            )
+            SELECT count(*) FROM u"""
+
+        self.sql_pause = f"""
+            INSERT INTO {q}.paused_saga (saga, reason) VALUES ($1, $2)
+            ON CONFLICT (saga) DO UPDATE SET reason = EXCLUDED.reason"""
+        self.sql_resume = f"DELETE FROM {q}.paused_saga WHERE saga = $1"
+        self.sql_paused = f"SELECT saga FROM {q}.paused_saga ORDER BY saga"
 
         self.sql_message_exists = f"SELECT EXISTS (SELECT 1 FROM {q}.message WHERE id = $1)"
 
@@ -360,7 +418,44 @@ class Store:
             SELECT * FROM unnest($1::text[], $2::text[])
             ON CONFLICT DO NOTHING"""
 
-        self.sql_unsubscribe = f"DELETE FROM {q}.subscription WHERE topic = $1 AND saga = $2"
+        self.sql_unsubscribe = f"""
+            WITH d AS (
+                DELETE FROM {q}.subscription WHERE topic = $1 AND saga = $2 RETURNING 1
+            ), s AS (
+                SELECT r.id, r.parent_id, r.awaited
+                  FROM {q}.run r JOIN {q}.message m ON m.id = r.message_id
+                 WHERE r.saga = $2 AND r.ready_at IS NOT NULL AND r.status = 'pending'
+                   AND m.topic = $1
+                   FOR UPDATE OF r SKIP LOCKED
+            ), u AS (
+                UPDATE {q}.run r
+                   SET status = 'skipped', awaited = false, ready_at = NULL,
+                       updated_at = clock_timestamp()
+                  FROM s WHERE r.id = s.id
+                RETURNING s.parent_id, s.awaited, r.root_id, r.parent_id IS NULL AS root
+            ), c AS (
+                SELECT parent_id, count(*) AS n FROM u
+                 WHERE awaited AND parent_id IS NOT NULL GROUP BY parent_id
+            ), p AS (
+                UPDATE {q}.run p
+                   SET pending = p.pending - c.n,
+                       ready_at = CASE WHEN p.pending = c.n
+                           THEN LEAST(COALESCE(p.deadline_at, 'infinity'),
+                                      GREATEST(clock_timestamp(),
+                                               COALESCE(p.resume_at, '-infinity')))
+                           ELSE p.ready_at END,
+                       updated_at = clock_timestamp()
+                  FROM c WHERE p.id = c.parent_id
+                RETURNING p.saga, p.pending
+            ), nt AS (
+                SELECT pg_notify($3, n)
+                  FROM (SELECT DISTINCT 'r:' || saga AS n FROM p WHERE pending = 0
+                        UNION SELECT DISTINCT 'd:' || root_id FROM u WHERE root) q
+                 WHERE $4
+            )
+            SELECT (SELECT count(*) FROM d) AS deleted, (SELECT count(*) FROM u) AS skipped,
+                   (SELECT count(*) FROM nt) AS notified,
+                   ARRAY(SELECT saga FROM p WHERE pending = 0) AS ready"""
 
         self.sql_subscriptions = f"SELECT topic, saga FROM {q}.subscription ORDER BY topic, saga"
 
@@ -467,8 +562,12 @@ class Store:
 
     async def emit(
         self, conn: Connection, messages: Sequence[NewMessage], emitter: Claimed
-    ) -> list[tuple[uuid.UUID, str]]:
-        """Insert messages and one run per subscribed saga; return (message id, saga) pairs."""
+    ) -> tuple[set[uuid.UUID], list[tuple[uuid.UUID, str]]]:
+        """Insert messages and one run per subscribed saga.
+
+        Returns the ids of the messages inserted (a message whose key exists already is
+        not) and a (message id, saga) pair per run created.
+        """
         rows = await conn.fetch(
             self.sql_emit,
             [m.id for m in messages],
@@ -479,8 +578,10 @@ class Store:
             [emitter.id if m.scoped else None for m in messages],
             [m.instance for m in messages],
             emitter.lineage,
+            [m.key for m in messages],
         )
-        return [(row[0], row[1]) for row in rows]
+        inserted = {row[0] for row in rows if row[1] is None}
+        return inserted, [(row[0], row[1]) for row in rows if row[1] is not None]
 
     async def finish(
         self, conn: Connection, write: RunWrite, worker: str, listen: bool
@@ -575,7 +676,14 @@ class Store:
         message: NewMessage,
         worker: str,
         listen: bool,
-    ) -> list[str]:
+        *,
+        at: datetime | None = None,
+        after: float | None = None,
+    ) -> tuple[uuid.UUID, list[str]]:
+        """Insert a root message and its runs; return its id and the sagas that got a run.
+
+        With a key that exists already nothing is inserted and the existing id is returned.
+        """
         row = await conn.fetchrow(
             self.sql_launch,
             message.id,
@@ -585,9 +693,17 @@ class Store:
             worker,
             self.channel,
             listen,
+            message.key,
+            at,
+            after,
         )
         assert row is not None
-        return list(row["sagas"])
+        if not row["inserted"]:
+            existing = row["existing"]
+            if existing is None:  # the other launch with this key has not committed yet
+                existing = await conn.fetchval(self.sql_message_by_key, message.key)
+            return existing, []
+        return message.id, list(row["sagas"])
 
     async def root_runs(self, conn: Connection, root_id: uuid.UUID) -> list[RootRun]:
         rows = await conn.fetch(self.sql_root_runs, root_id)
@@ -621,8 +737,54 @@ class Store:
             self.sql_subscribe, [topic for topic, _ in pairs], [saga for _, saga in pairs]
         )
 
-    async def unsubscribe(self, conn: Connection, topic: str, saga: str) -> None:
-        await conn.execute(self.sql_unsubscribe, topic, saga)
+    async def unsubscribe(
+        self, conn: Connection, topic: str, saga: str, listen: bool
+    ) -> tuple[int, list[str]]:
+        """Remove a subscription and skip that saga's runs on `topic` that have not started.
+
+        Returns how many runs were skipped and the sagas of parents that became ready.
+        """
+        row = await conn.fetchrow(self.sql_unsubscribe, topic, saga, self.channel, listen)
+        assert row is not None
+        return int(row["skipped"]), list(row["ready"])
+
+    async def pause(self, conn: Connection, saga: str, reason: str | None) -> None:
+        await conn.execute(self.sql_pause, saga, reason)
+
+    async def resume(self, conn: Connection, saga: str) -> None:
+        await conn.execute(self.sql_resume, saga)
+
+    async def paused(self, conn: Connection) -> list[str]:
+        return [row[0] for row in await conn.fetch(self.sql_paused)]
+
+    async def message_by_key(self, conn: Connection, key: str) -> uuid.UUID | None:
+        value = await conn.fetchval(self.sql_message_by_key, key)
+        return None if value is None else uuid.UUID(str(value))
+
+    async def now(self, conn: Connection) -> datetime:
+        value: datetime = await conn.fetchval(self.sql_now)
+        return value
+
+    async def active_chains(
+        self, conn: Connection, saga: str, key: str, prefix: str
+    ) -> list[uuid.UUID]:
+        """Root ids of a schedule's chain links that are still waiting or running."""
+        return [row[0] for row in await conn.fetch(self.sql_active_chains, saga, key, prefix)]
+
+    async def child_results(
+        self, conn: Connection, parent_id: uuid.UUID, instance: int
+    ) -> list[tuple[str, str, str]]:
+        """(saga, result JSON, topic) of the committed children of one step instance."""
+        rows = await conn.fetch(self.sql_child_results, parent_id, instance)
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def saga_in_lineage(
+        self, conn: Connection, lineage: Sequence[uuid.UUID], saga: str
+    ) -> int:
+        return int(await conn.fetchval(self.sql_saga_in_lineage, list(lineage), saga))
+
+    async def detach_unstarted(self, conn: Connection, parent_id: uuid.UUID) -> int:
+        return int(await conn.fetchval(self.sql_detach_unstarted, parent_id))
 
     async def subscriptions(self, conn: Connection) -> list[tuple[str, str]]:
         return [(row[0], row[1]) for row in await conn.fetch(self.sql_subscriptions)]
