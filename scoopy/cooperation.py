@@ -407,6 +407,11 @@ class Cooperation:
                 root, sagas = await self.store.launch(
                     conn, message, self.worker_id, self.listen, at=at, after=delay
                 )
+            if self._worker is not None and (at is not None or delay):
+                due_in = delay or 0.0
+                if at is not None:
+                    due_in = (at - datetime.now(at.tzinfo)).total_seconds()
+                self._worker.wake_in(max(0.0, due_in))
             for saga in sagas:
                 self._wake(saga)
         return RunHandle(self, root, resolved.name)
@@ -425,7 +430,8 @@ class Cooperation:
     ) -> RunHandle:
         """Launch `payload` on `topic` periodically: `every` N seconds or on a `cron` expression.
 
-        `key` names the schedule: scheduling the same key again changes nothing. Each firing
+        `key` names the schedule: while it is active, scheduling the same key again changes
+        nothing (after `unschedule` it starts a new one). Each firing
         is its own hierarchy and fires exactly once, whatever the number of workers or
         restarts; see `scoopy.periodic` for the catch-up policies.
         """
@@ -435,14 +441,25 @@ class Cooperation:
         resolved = self._topic(topic)
         body = resolved.encode(payload)
         encoded = CooperationContext.coerce(context).encode()
-        async with self.pool.acquire() as conn:
+        chain = periodic.chain_key(key)
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Check and launch under one lock so two services scheduling at once start one chain.
+            await self.store.lock(conn, chain)
+            active = await self.store.active_chains(conn, periodic.PERIODIC, chain, chain + "@")
+            if active:
+                return RunHandle(self, active[0], periodic.PERIODIC)
             now = await self.store.now(conn)
             await self.store.subscribe(conn, [(periodic.PERIODIC, periodic.PERIODIC)])
-        start = start_at or (now + timedelta(seconds=seconds) if seconds is not None else now)
-        link = periodic.first_link(
-            key, resolved.name, body, encoded, seconds, cron, start, catch_up
-        )
-        return await self.launch(periodic.SCHEDULES, link, key=periodic.chain_key(key))
+            start = start_at or (now + timedelta(seconds=seconds) if seconds is not None else now)
+            link = periodic.first_link(
+                key, resolved.name, body, encoded, seconds, cron, start, catch_up
+            )
+            handle = await self.launch(
+                periodic.SCHEDULES, link, connection=conn, key=periodic.chain_key(key, link.due)
+            )
+        if self._worker is not None:
+            self._worker.wake_in(max(0.0, (link.due - now).total_seconds()))
+        return handle
 
     async def unschedule(self, key: str, reason: str = "unscheduled") -> int:
         """Stop a schedule; return how many pending links of its chain were cancelled."""
@@ -475,6 +492,8 @@ class Cooperation:
     def _on_committed(self, advanced: Advanced) -> None:
         for saga in advanced.ready_sagas:
             self._wake(saga)
+        if advanced.wake_in is not None and self._worker is not None:
+            self._worker.wake_in(advanced.wake_in)
         if advanced.root_done is not None:
             self._root_done(advanced.root_done)
 

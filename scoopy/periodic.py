@@ -94,7 +94,7 @@ def build() -> Saga:
             schedule.topic,
             schedule.payload,
             context=context,
-            key=f"{schedule.key}@{schedule.due.isoformat()}",
+            key=f"{PERIODIC}:{schedule.key}:fired@{schedule.due.isoformat()}",
         )
         base = schedule.due if schedule.catch_up == "all" else max(schedule.due, scope.now())
         due = next_due(schedule, base)

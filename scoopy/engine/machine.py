@@ -363,7 +363,7 @@ class Machine:
         self, reason: CooperationFailure, also: CooperationFailure | None = None
     ) -> CooperationFailure:
         causes = [reason] if also is None else [reason, also]
-        return _framework_failure(GaveUp, NO_MESSAGE, self.source, causes)
+        return _framework_failure(GaveUp, f"Gave up: {reason.message}", self.source, causes)
 
     def children_failure(
         self, step: int | None, children: Sequence[ChildOutcome]

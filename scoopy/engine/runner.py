@@ -51,9 +51,10 @@ from .store import Claimed, Connection, EventRow, RunWrite, Store
 
 log = structlog.get_logger("scoopy")
 
-# Errors that say nothing about the step's business logic: the connection or the server
-# failed. The transaction is abandoned and the run is retried; never rolled back for them.
-TRANSIENT: tuple[type[BaseException], ...] = (
+# Database errors that say nothing about the step's business logic: the connection or the
+# server failed, or the transaction lost a race (serialization, deadlock). The transaction
+# is abandoned and the step retried; the saga is never rolled back for them.
+DB_TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.SerializationError,
@@ -61,9 +62,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
-    ConnectionError,
-    TimeoutError,
 )
+# Around scoopy's own statements, a lost socket or a timeout is transient too. (Raised by
+# user code, the same exceptions are business failures: an HTTP client's ConnectionError
+# is the step's failure, not the database's.)
+TRANSIENT: tuple[type[BaseException], ...] = (*DB_TRANSIENT, ConnectionError, TimeoutError)
 
 _state_decoder = msgspec.json.Decoder(RunState)
 _state_encoder = msgspec.json.Encoder()
@@ -103,6 +106,7 @@ class Advanced:
     ready_sagas: set[str] = field(default_factory=set)
     root_done: uuid.UUID | None = None
     events: list[EventRow] = field(default_factory=list)
+    wake_in: float | None = None  # seconds until the run is due again, if it waits for a time
 
 
 def _json(failure: CooperationFailure | None) -> str | None:
@@ -402,9 +406,9 @@ class _Advance:
                 await self.conn.execute("RELEASE SAVEPOINT scoopy_step")
         except anyio.get_cancelled_exc_class():
             raise
-        except TRANSIENT:
-            raise
         except Exception as exc:
+            if isinstance(exc, DB_TRANSIENT) or self.conn.is_closed():
+                raise
             await self.conn.execute("ROLLBACK TO SAVEPOINT scoopy_step")
             return None, exc
         finally:
@@ -589,10 +593,17 @@ class _Advance:
         )
         if parent_saga is not None and parent_pending == 0:
             self.ready_sagas.add(parent_saga)
+        timed = None if terminal else (ready_at if ready_at is not None else deadline)
+        wake_in = None
+        if timed is not None and timed > view.now:
+            wake_in = (timed - view.now).total_seconds()
         return Advanced(
-            ready_sagas=self.ready_sagas,
+            ready_sagas=self.ready_sagas
+            if wake_in is None
+            else self.ready_sagas - {self.saga.name},
             root_done=self.run.root_id if root_done else None,
             events=self.events,
+            wake_in=wake_in,
         )
 
 

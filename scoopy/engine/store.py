@@ -316,7 +316,7 @@ class Store:
                 RETURNING 1
             ), due AS (
                 SELECT COALESCE($9::timestamptz,
-                                clock_timestamp() + make_interval(secs => COALESCE($10, 0)))
+                                clock_timestamp() + make_interval(secs => COALESCE($10::float8, 0)))
                        AS at
             ), x AS (
                 SELECT gen_random_uuid() AS id, s.saga, m.context
@@ -353,6 +353,7 @@ class Store:
 
         self.sql_message_by_key = f"SELECT id FROM {q}.message WHERE key = $1"
         self.sql_now = "SELECT clock_timestamp()"
+        self.sql_lock_xact = "SELECT pg_advisory_xact_lock(hashtext($1))"
         self.sql_active_chains = f"""
             SELECT DISTINCT r.root_id
               FROM {q}.run r JOIN {q}.message m ON m.id = r.message_id
@@ -764,6 +765,10 @@ class Store:
     async def now(self, conn: Connection) -> datetime:
         value: datetime = await conn.fetchval(self.sql_now)
         return value
+
+    async def lock(self, conn: Connection, name: str) -> None:
+        """Serialize with other transactions taking the same named lock (until commit)."""
+        await conn.execute(self.sql_lock_xact, f"{self.schema}:{name}")
 
     async def active_chains(
         self, conn: Connection, saga: str, key: str, prefix: str

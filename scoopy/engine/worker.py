@@ -11,6 +11,7 @@ Correctness never depends on notifications: the poll alone finds every ready run
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class Worker:
         self._idle = anyio.Event()
         self._idle.set()
         self._busy = 0
+        self._timer: float | None = None  # monotonic time of the earliest known due run
         self.listening = anyio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -122,6 +124,13 @@ class Worker:
         slots = self.slots.get(saga)
         if slots is not None:
             slots.wake.set()
+
+    def wake_in(self, seconds: float) -> None:
+        """Make sure the poll loop looks again in `seconds` (a run of ours is due then)."""
+        due = time.monotonic() + seconds
+        if self._timer is None or due < self._timer:
+            self._timer = due
+            self._poke.set()
 
     def wake_all(self) -> None:
         for slots in self.slots.values():
@@ -184,9 +193,16 @@ class Worker:
     async def _poll_loop(self) -> None:
         timeout = 0.0
         while not self.stopping:
+            if self._timer is not None:
+                timeout = min(timeout, max(0.0, self._timer - time.monotonic()))
             with anyio.move_on_after(timeout):
                 await self._poke.wait()
-            self._poke = anyio.Event()
+            if self._poke.is_set():
+                self._poke = anyio.Event()
+                if self._timer is not None and self._timer > time.monotonic():
+                    timeout = max(0.0, self._timer - time.monotonic())
+                    continue  # only the timer moved: sleep until it rather than poll now
+            self._timer = None
             timeout = self.poll_interval
             sagas = list(self.slots)
             if not sagas:
