@@ -130,7 +130,9 @@ async def _launch(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise UsageError(f"payload and context must be JSON: {exc}") from exc
     async with _cooperation(args, worker=False) as coop:
-        handle = await coop.launch(args.topic, payload, context=context)
+        handle = await coop.launch(
+            args.topic, payload, context=context, key=args.key, after=args.after
+        )
         print(handle.id)
         if args.wait:
             outcome = await handle.wait(timeout=args.timeout)
@@ -214,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("topic")
     launch.add_argument("payload", help="JSON payload")
     launch.add_argument("--context", help="JSON object of context keys")
+    launch.add_argument("--key", help="idempotency key: at most one hierarchy per key")
+    launch.add_argument("--after", type=float, help="start the runs this many seconds later")
     launch.add_argument("--wait", action="store_true", help="wait for the outcome")
     launch.add_argument("--timeout", type=float, default=None)
     launch.set_defaults(handler=_launch)
