@@ -119,7 +119,7 @@ async def _migrate(args: argparse.Namespace) -> int:
     ):
         versions = await coop.store.applied_versions(conn) or []
     known = migrations.latest_version()
-    print(f"schema {args.schema!r} is at version {max(versions)} ({known} known)")
+    print(f"schema {coop.schema!r} is at version {max(versions)} ({known} known)")
     return 0
 
 
@@ -196,7 +196,11 @@ async def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scoopy", description=__doc__)
     parser.add_argument("--dsn", help="PostgreSQL DSN (default: $SCOOPY_DSN, else embedded)")
-    parser.add_argument("--schema", default="scoopy", help="schema holding scoopy's tables")
+    parser.add_argument(
+        "--schema",
+        default=None,
+        help="schema of scoopy's tables (default: $SCOOPY_SCHEMA or scoopy)",
+    )
     parser.add_argument("--log-format", choices=("console", "json"), default="console")
     parser.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")

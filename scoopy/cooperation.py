@@ -117,17 +117,19 @@ def _redact(dsn: str) -> str:
 
 
 class Cooperation:
-    """Connects to PostgreSQL (embedded when no DSN), runs the sagas subscribed to it.
+    """Connects to PostgreSQL, migrates the schema and runs the sagas subscribed to it.
 
-    Use as `async with Cooperation(dsn) as coop:`. `listen=False` is the poll-only mode for
-    connection poolers that do not pass LISTEN/NOTIFY (PgBouncer in transaction mode).
+    Use as `async with Cooperation(dsn) as coop:`. Without a DSN it uses `$SCOOPY_DSN`, else
+    an embedded PostgreSQL. `schema` defaults to `$SCOOPY_SCHEMA`, else "scoopy".
+    `listen=False` is the poll-only mode for connection poolers that do not pass
+    LISTEN/NOTIFY (PgBouncer in transaction mode).
     """
 
     def __init__(
         self,
         dsn: str | None = None,
         *,
-        schema: str = "scoopy",
+        schema: str | None = None,
         migrate: bool = True,
         listen: bool = True,
         poll_interval: float | None = None,
@@ -141,7 +143,7 @@ class Cooperation:
         server_settings: dict[str, str] | None = None,
     ) -> None:
         self.dsn = dsn
-        self.schema = check_schema(schema)
+        self.schema = check_schema(schema or os.environ.get("SCOOPY_SCHEMA") or "scoopy")
         self.migrate = migrate
         self.listen = listen
         self.poll_interval = poll_interval or (1.0 if listen else 0.25)
@@ -155,7 +157,7 @@ class Cooperation:
         self.server_settings = {"jit": "off", "application_name": "scoopy"}
         self.server_settings.update(server_settings or {})
         self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{uuid7().hex[-8:]}"
-        self.store = Store(schema)
+        self.store = Store(self.schema)
         self.bindings: dict[str, Binding] = {}
         self._unsynced: list[tuple[Literal["+", "-"], str, str]] = []
         self._sync_lock = anyio.Lock()
