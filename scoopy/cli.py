@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import structlog
 
-from .cooperation import Cooperation
+from .cooperation import Cooperation, RunInfo
 from .engine import migrate as migrations
 from .errors import ScoopyError
 
@@ -146,14 +146,14 @@ async def _launch(args: argparse.Namespace) -> int:
 async def _tree(args: argparse.Namespace) -> int:
     async with _cooperation(args, worker=False) as coop:
         runs = await coop.runs(uuid.UUID(args.root))
-    children: dict[Any, list[dict[str, Any]]] = {}
+    children: dict[uuid.UUID | None, list[RunInfo]] = {}
     for run in runs:
-        children.setdefault(run["parent_id"], []).append(run)
+        children.setdefault(run.parent_id, []).append(run)
 
-    def show(parent: Any, depth: int) -> None:
+    def show(parent: uuid.UUID | None, depth: int) -> None:
         for run in children.get(parent, []):
-            print(f"{'  ' * depth}{run['saga']} [{run['id']}] {run['status']}")
-            show(run["id"], depth + 1)
+            print(f"{'  ' * depth}{run.saga} [{run.id}] {run.status}")
+            show(run.id, depth + 1)
 
     show(None, 0)
     return 0

@@ -69,7 +69,7 @@ class CooperationContext:
 
     __slots__ = ("_keys", "_raw", "_values")
 
-    def __init__(self, items: Mapping[AnyKey, Any] | None = None) -> None:
+    def __init__(self, items: Mapping[Any, Any] | None = None) -> None:
         self._raw: dict[str, bytes] = {}
         self._values: dict[str, Any] = {}
         self._keys: dict[str, ContextKey[Any]] = {}
@@ -169,7 +169,7 @@ class CooperationContext:
         clone._keys = dict(self._keys)
         return clone
 
-    def merged(self, other: CooperationContext | Mapping[AnyKey, Any] | None) -> CooperationContext:
+    def merged(self, other: CooperationContext | Mapping[Any, Any] | None) -> CooperationContext:
         """A copy of this context with `other` set on top (typed keys combine, others overwrite)."""
         result = self.copy()
         if other is None:
@@ -213,7 +213,7 @@ class CooperationContext:
         return ctx
 
     @classmethod
-    def coerce(cls, value: CooperationContext | Mapping[AnyKey, Any] | None) -> CooperationContext:
+    def coerce(cls, value: CooperationContext | Mapping[Any, Any] | None) -> CooperationContext:
         if value is None:
             return cls()
         if isinstance(value, CooperationContext):

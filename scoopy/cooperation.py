@@ -63,6 +63,26 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
 
 
 @dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One run of a hierarchy, as `Cooperation.runs` reports it."""
+
+    id: uuid.UUID
+    saga: str
+    parent_id: uuid.UUID | None
+    status: str
+    lineage: list[uuid.UUID]
+    message_id: uuid.UUID
+    created_at: datetime
+    updated_at: datetime
+    failure: CooperationFailure | None
+    rollback_failure: CooperationFailure | None
+
+
+def _failure(data: str | None) -> CooperationFailure | None:
+    return None if data is None else CooperationFailure.from_json(data)
+
+
+@dataclass(frozen=True, slots=True)
 class RunSummary:
     id: uuid.UUID
     saga: str
@@ -525,11 +545,17 @@ class Cooperation:
                             del self._waiters[root_id]
 
     async def outcome(self, root_id: uuid.UUID) -> Outcome | None:
-        """The hierarchy's outcome, or None while any of its root runs is unfinished."""
+        """The hierarchy's outcome, or None while any of its root runs is unfinished.
+
+        `root_id` may also be a run id: then it is that run's outcome.
+        """
         async with self.pool.acquire() as conn:
             runs = await self.store.root_runs(conn, root_id)
             if not runs and not await self.store.message_exists(conn, root_id):
-                raise LookupError(f"no message {root_id} in schema {self.schema!r}")
+                run = await self.store.run_by_id(conn, root_id)
+                if run is None:
+                    raise LookupError(f"no message or run {root_id} in schema {self.schema!r}")
+                runs = [run]
         if any(run.status in ("pending", "active") for run in runs):
             return None
         failures: list[CooperationFailure] = []
@@ -587,10 +613,25 @@ class Cooperation:
             for row in rows
         ]
 
-    async def runs(self, root_id: uuid.UUID) -> list[dict[str, Any]]:
-        """Every run of a hierarchy (for tooling: `scoopy tree`)."""
+    async def runs(self, root_id: uuid.UUID) -> list[RunInfo]:
+        """Every run of a hierarchy, oldest first."""
         async with self.pool.acquire() as conn:
-            return [dict(row) for row in await self.store.runs_of(conn, root_id)]
+            rows = await self.store.runs_of(conn, root_id)
+        return [
+            RunInfo(
+                id=row["id"],
+                saga=row["saga"],
+                parent_id=row["parent_id"],
+                status=row["status"],
+                lineage=list(row["lineage"]),
+                message_id=row["message_id"],
+                created_at=row["created_at"],
+                updated_at=row["updated_at"],
+                failure=_failure(row["failure"]),
+                rollback_failure=_failure(row["rollback_failure"]),
+            )
+            for row in rows
+        ]
 
     # -- control ---------------------------------------------------------------------------
 
@@ -634,6 +675,9 @@ class Cooperation:
         async with self.pool.acquire() as conn, conn.transaction():
             root_id, _ = await self._locate(conn, target)
             candidates = await self.store.undo_candidates(conn, root_id, target)
+            topic = (
+                await self.store.topic_of(conn, candidates[0]["message_id"]) if candidates else ""
+            )
             if await self.store.unfinished(conn, root_id):
                 raise ScoopyError(
                     f"hierarchy {root_id} is still running: cancel it instead of undoing it"
@@ -654,4 +698,5 @@ class Cooperation:
             )
         if self._worker is not None:
             self._worker.wake_all()
-        return RunHandle(self, root_id, "")
+        # Undoing a sub-tree is waited on by its run: the root itself stays committed.
+        return RunHandle(self, root_id if target == root_id else target, topic)

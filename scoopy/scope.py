@@ -8,7 +8,7 @@ from contextvars import ContextVar
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .context import AnyKey, CooperationContext
+from .context import CooperationContext
 from .errors import HierarchyTooDeepError, RecursionLimitError
 from .ids import uuid7
 from .message import Message, Topic, as_topic
@@ -27,7 +27,9 @@ def current_scope() -> Scope:
     return scope
 
 
-ContextArg = CooperationContext | Mapping[AnyKey, Any] | None
+# Keys are ContextKeys or strings (checked when set). Mapping's key type is invariant, so
+# anything narrower than Any would refuse a dict[ContextKey[Deadline], Deadline].
+ContextArg = CooperationContext | Mapping[Any, Any] | None
 
 
 class StepServices(Protocol):

@@ -133,7 +133,7 @@ async def test_global_launch_passes_only_the_given_context(
         assert (await handle.wait(timeout=WAIT)).status == "committed"
         # The global launch is its own hierarchy: find it through the root's EMITTED events.
         runs = await coop.runs(handle.id)
-        assert [run["saga"] for run in runs] == ["root"]
+        assert [run.saga for run in runs] == ["root"]
         async with coop.pool.acquire() as conn:
             other_root = await conn.fetchval(
                 f'SELECT root_id FROM "{coop.schema}".run WHERE saga = $1', "independent"

@@ -393,13 +393,21 @@ class _Advance:
         )
 
     async def user_code(
-        self, scope: Scope, call: Callable[[], Any]
+        self, scope: Scope, call: Callable[[], Any], path: Literal["happy", "rollback"]
     ) -> tuple[Any, BaseException | None]:
-        """Run user code in a savepoint; on failure undo its writes and return the error."""
+        """Run user code in a savepoint; on failure undo its writes and return the error.
+
+        A run that ran out of time during the code gives up inside the same transaction,
+        so the overrunning work is discarded rather than committed and then compensated.
+        """
         await self.conn.execute("SAVEPOINT scoopy_step")
         token = _current.set(scope)
         try:
             result = await call()
+            state = msgspec.structs.replace(self.state, path=path)
+            reason = self.strategy.give_up(self.view(state))
+            if reason is not None:
+                raise GaveUp(self.machine.gave_up(reason))
             if scope.touched:
                 # Fails if user code left the transaction aborted (a swallowed SQL error),
                 # which then counts as the step's failure.
@@ -457,13 +465,15 @@ class _Advance:
             nxt = await step.invoke(scope, self.payload())
             return self.machine.next_of(act.step, act.iteration, nxt)
 
-        following, error = await self.user_code(scope, call)
+        following, error = await self.user_code(scope, call, "happy")
         if error is None:
             return self.machine.after_invoke(state, act, following, scope.resume_at, now=self.now())
         failure = failure_from_exception(error, self.source)
         retry_in = (
             step.retry.delay(act.attempt)
-            if step.retry is not None and step.retry.retries(error, act.attempt)
+            if step.retry is not None
+            and not isinstance(error, GaveUp)  # giving up is final, never retried
+            and step.retry.retries(error, act.attempt)
             else None
         )
         if retry_in is not None:
@@ -487,7 +497,7 @@ class _Advance:
                 return None
             return self.machine.next_of(act.step, state.last_iteration, nxt)
 
-        following, raised = await self.user_code(scope, call)
+        following, raised = await self.user_code(scope, call, "happy")
         if raised is None:
             return self.machine.after_handler(state, act, following, now=self.now())
         return self.machine.handler_failed(state, act, failure_from_exception(raised, self.source))
@@ -502,7 +512,7 @@ class _Advance:
         async def call() -> None:
             await fn(scope, self.payload(), cause)
 
-        _, error = await self.user_code(scope, call)
+        _, error = await self.user_code(scope, call, "rollback")
         if error is None:
             return self.machine.after_compensation(state, act, now=self.now())
         return self.machine.compensation_failed(
@@ -563,6 +573,10 @@ class _Advance:
         root_done = terminal and self.run.parent_id is None
         if root_done:
             self.notify.append(f"d:{self.run.root_id}")
+        # A run nobody waits for inside its hierarchy (an undone sub-tree) is waited on by id.
+        alone = terminal and self.run.parent_id is not None and not self.run.awaited
+        if alone:
+            self.notify.append(f"d:{self.run.id}")
         if ready_at is not None and not terminal:
             self.ready_sagas.add(self.saga.name)
         deadline = None if terminal else self.strategy.wake_at(view)
@@ -601,7 +615,7 @@ class _Advance:
             ready_sagas=self.ready_sagas
             if wake_in is None
             else self.ready_sagas - {self.saga.name},
-            root_done=self.run.root_id if root_done else None,
+            root_done=self.run.root_id if root_done else self.run.id if alone else None,
             events=self.events,
             wake_in=wake_in,
         )

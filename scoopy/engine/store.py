@@ -392,6 +392,13 @@ class Store:
         self.sql_resume = f"DELETE FROM {q}.paused_saga WHERE saga = $1"
         self.sql_paused = f"SELECT saga FROM {q}.paused_saga ORDER BY saga"
 
+        self.sql_topic_of = f"SELECT topic FROM {q}.message WHERE id = $1"
+
+        self.sql_run_by_id = f"""
+            SELECT id, saga, status, failure::text AS failure,
+                   rollback_failure::text AS rollback_failure
+              FROM {q}.run WHERE id = $1"""
+
         self.sql_message_exists = f"SELECT EXISTS (SELECT 1 FROM {q}.message WHERE id = $1)"
 
         self.sql_events = f"""
@@ -716,6 +723,13 @@ class Store:
         row = await conn.fetchrow(self.sql_cancellation_of, list(lineage))
         assert row is not None
         return row[0], row[1]
+
+    async def topic_of(self, conn: Connection, message_id: uuid.UUID) -> str:
+        return str(await conn.fetchval(self.sql_topic_of, message_id) or "")
+
+    async def run_by_id(self, conn: Connection, run_id: uuid.UUID) -> RootRun | None:
+        row = await conn.fetchrow(self.sql_run_by_id, run_id)
+        return None if row is None else RootRun(*row)
 
     async def message_exists(self, conn: Connection, message_id: uuid.UUID) -> bool:
         return bool(await conn.fetchval(self.sql_message_exists, message_id))
