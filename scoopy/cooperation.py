@@ -650,7 +650,7 @@ class Cooperation:
         """
         target = uuid.UUID(str(run_id))
         failure = CancellationRequested.build(reason, source).failure
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn:
             root_id, lineage = await self._locate(conn, target)
             inserted = await self.store.cancel(
                 conn,

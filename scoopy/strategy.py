@@ -55,8 +55,12 @@ class EventLoopStrategy:
         return None
 
     def resume_at(self, run: RunView) -> datetime | None:
-        """The earliest time the run may take its next step (None: right away)."""
-        return run.sleep_until
+        """A time before which the run may not take its next step (None: no constraint).
+
+        It can only delay a run: what the run asked for itself (`run.sleep_until`, from
+        `scope.sleep` or a retry backoff) holds anyway.
+        """
+        return None
 
     def detach_unstarted(self, run: RunView) -> bool:
         """Whether to stop waiting for children that have not started yet.

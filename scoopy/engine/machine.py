@@ -277,8 +277,11 @@ class Machine:
             )
         if w.give_up is not None:
             return self.fail(s, self.gave_up(w.give_up), s.step if s.step is not None else s.last)
-        if w.resume_at is not None and w.resume_at > w.now:
-            return Transition(s, Wait(w.resume_at))
+        # What the run asked for (sleep, retry backoff) holds whatever the strategy says;
+        # the strategy can only add to it.
+        until = max((t for t in (s.resume_at, w.resume_at) if t is not None), default=None)
+        if until is not None and until > w.now:
+            return Transition(s, Wait(until))
         if s.step is None:
             committed = EventSpec(EventType.COMMITTED, step=self.name(s.last))
             return Transition(s, Finish("committed"), [committed])
@@ -291,16 +294,18 @@ class Machine:
             s = msgspec.structs.replace(
                 s, errors=[*s.errors, *self.rollback_errors(w.child_failures)]
             )
-        if w.give_up is not None:
-            return self._halt(s, self.gave_up(w.give_up), self.rollback_name(s.last))
         if s.plan is None:
             if w.history is None:
                 return Transition(s, NeedHistory())
             s = msgspec.structs.replace(s, plan=list(reversed(w.history)), children_done=False)
         assert s.plan is not None
         if not s.plan:
-            return self._finish_rollback(s)
+            return self._finish_rollback(s)  # complete: a deadline passing now changes nothing
         head = s.plan[0]
+        if w.give_up is not None:
+            # Named after the sub-step that will not run.
+            where = self.rollback_name(head.step, children=not s.children_done)
+            return self._halt(s, self.gave_up(w.give_up), where)
         if not s.children_done:
             return Transition(s, RollbackChildren(head, s.seq + 1))
         if self.steps[head.step].compensate is None:
@@ -339,9 +344,15 @@ class Machine:
     def _rollback_failure(
         self, s: RunState, primary: Sequence[CooperationFailure]
     ) -> CooperationFailure:
-        """What failed first, then (unless the parent asked for the rollback) why we rolled back."""
+        """What failed first, then (unless the parent asked for the rollback) why we rolled back.
+
+        A failure already inside the cause (a child's rollback failure that made us roll
+        back) is reported once, inside the cause.
+        """
         causes = list(primary)
         if s.cause is not None and s.origin != "parent":
+            inside = s.cause.walk()[1:]
+            causes = [failure for failure in causes if failure not in inside]
             causes.append(s.cause)
         return _framework_failure(
             RollbackFailed, f"Rollback of {self.saga} failed", self.source, causes
@@ -495,8 +506,13 @@ class Machine:
         failure: CooperationFailure,
         retry_in: float | None,
         now: datetime,
+        exhausted: bool | None = None,
     ) -> Transition:
-        """The step raised: retry it later if the policy says so, else roll back."""
+        """The step raised: retry it later if the policy says so, else roll back.
+
+        `exhausted` says the policy would have retried this failure but ran out of attempts
+        (then the failure lists every attempt); None means "if there were earlier attempts".
+        """
         if retry_in is not None:
             event = EventSpec(
                 EventType.ATTEMPT_FAILED,
@@ -512,7 +528,7 @@ class Machine:
                 resume_at=now + timedelta(seconds=retry_in),
             )
             return Transition(state, Again(), [event])
-        if s.attempts:
+        if exhausted if exhausted is not None else bool(s.attempts):
             failure = _framework_failure(
                 RetriesExhausted,
                 f"step {self.name(act.step)!r} failed after {act.attempt} attempts",

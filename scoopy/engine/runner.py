@@ -40,6 +40,7 @@ from .machine import (
     Invoke,
     Machine,
     NeedHistory,
+    Phase,
     RollbackChildren,
     RunState,
     SkipUnstarted,
@@ -304,9 +305,12 @@ class _Advance:
                 transition = self.machine.resume(state, self.wake(state, history=history))
             elif isinstance(action, NeedHistory):
                 done = await self.store.history(self.conn, self.run.root_id, self.run.id)
-                history = tuple(
-                    Instance(r.instance, r.step_index, r.iteration, r.handler_iteration)
-                    for r in done
+                history = (
+                    tuple(
+                        Instance(r.instance, r.step_index, r.iteration, r.handler_iteration)
+                        for r in done
+                    )
+                    + self.buffered_instances()
                 )
                 transition = self.machine.resume(state, self.wake(state, history=history))
             elif isinstance(action, Invoke):
@@ -334,6 +338,19 @@ class _Advance:
                 return await self.finish(state, ready_at=self.wait_until(state, action))
             else:
                 return await self.finish(state, ready_at=None, final=action)
+
+    def buffered_instances(self) -> tuple[Instance, ...]:
+        """Instances committed by this very transaction (its events are written at the end)."""
+        return tuple(
+            Instance(e.instance, e.step_index, e.iteration, e.handler_iteration)
+            for e in self.events
+            if e.type == EventType.SUSPENDED
+            and e.run_id == self.run.id
+            and e.phase in (Phase.STEP, Phase.HANDLER)
+            and e.instance is not None
+            and e.step_index is not None
+            and e.iteration is not None
+        )
 
     def wait_until(self, state: RunState, action: Wait) -> datetime | None:
         wake = self.strategy.wake_at(self.view(state))
@@ -469,16 +486,18 @@ class _Advance:
         if error is None:
             return self.machine.after_invoke(state, act, following, scope.resume_at, now=self.now())
         failure = failure_from_exception(error, self.source)
-        retry_in = (
-            step.retry.delay(act.attempt)
-            if step.retry is not None
+        retryable = (
+            step.retry is not None
             and not isinstance(error, GaveUp)  # giving up is final, never retried
-            and step.retry.retries(error, act.attempt)
-            else None
+            and isinstance(error, step.retry.on)
         )
-        if retry_in is not None:
+        retry_in = None
+        if retryable and step.retry is not None and step.retry.retries(error, act.attempt):
+            retry_in = step.retry.delay(act.attempt)
             self.context = before  # the failed attempt's context changes vanish with it
-        return self.machine.step_failed(state, act, failure, retry_in, self.now())
+        return self.machine.step_failed(
+            state, act, failure, retry_in, self.now(), exhausted=retryable and retry_in is None
+        )
 
     async def handle_children(self, state: RunState, act: HandleChildren) -> Transition:
         step = self.saga.steps[act.step]
@@ -601,6 +620,7 @@ class _Advance:
             notify_parent=notify_parent,
             events=self.events,
             notify=self.notify,
+            sleeping=not terminal and state.path == "happy" and self.pending == 0,
         )
         parent_saga, parent_pending = await self.store.finish(
             self.conn, write, self.runner.worker, self.runner.listen

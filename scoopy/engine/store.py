@@ -84,6 +84,9 @@ class RunWrite:
     notify_parent: bool = False
     events: list[EventRow] = field(default_factory=list)
     notify: list[str] = field(default_factory=list)
+    # On the happy path and about to sleep until `ready_at`: a cancellation that arrived
+    # during the step must wake it instead (the canceller could not, the row was locked).
+    sleeping: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +225,11 @@ class Store:
                 UPDATE {q}.run
                    SET status = $2, state = $3::jsonb, pending = $4,
                        failed = CASE WHEN $5 THEN 0 ELSE failed END,
-                       ready_at = $6, resume_at = $7, deadline_at = $8, context = $9::jsonb,
+                       ready_at = CASE
+                           WHEN $35 AND $6 > clock_timestamp() AND EXISTS (
+                               SELECT 1 FROM {q}.cancellation c WHERE c.target = ANY (lineage))
+                           THEN clock_timestamp() ELSE $6 END,
+                       resume_at = $7, deadline_at = $8, context = $9::jsonb,
                        failure = COALESCE($10::jsonb, failure),
                        rollback_failure = $11::jsonb, result = COALESCE($12::jsonb, result),
                        rollback_request = NULL,
@@ -485,18 +492,30 @@ class Store:
                        $4::uuid[], $3::jsonb, $5
                   FROM c
                 RETURNING 1
-            ), w AS (
-                UPDATE {q}.run r SET ready_at = clock_timestamp()
-                 WHERE r.root_id = $2 AND $1 = ANY (r.lineage)
+            )
+            SELECT (SELECT count(*) FROM c) AS inserted, (SELECT count(*) FROM ev) AS events"""
+
+        # Wake the runs of a cancelled sub-tree that wait (for time or for children) so they
+        # give up now. Nothing about ready_at may be in the WHERE clause: it would be judged on
+        # the row version before a committing step's update, and the row skipped. The SET is
+        # computed on the locked, current version instead.
+        wake_cancelled = f"""
+            WITH w AS (
+                UPDATE {q}.run r
+                   SET ready_at = CASE WHEN r.ready_at IS NULL OR r.ready_at > clock_timestamp()
+                                       THEN clock_timestamp() ELSE r.ready_at END
+                 WHERE r.id IN (SELECT id FROM {q}.run
+                                 WHERE root_id = $2 AND $1 = ANY (lineage)
+                                   AND status IN ('pending', 'active') {{lock}})
                    AND r.status IN ('pending', 'active')
-                   AND (r.ready_at IS NULL OR r.ready_at > clock_timestamp())
-                   AND EXISTS (SELECT 1 FROM c)
                 RETURNING r.saga
             ), nt AS (
-                SELECT pg_notify($6, 'r:' || saga) FROM (SELECT DISTINCT saga FROM w) d WHERE $7
+                SELECT pg_notify($3, 'r:' || saga) FROM (SELECT DISTINCT saga FROM w) d WHERE $4
             )
-            SELECT (SELECT count(*) FROM c) AS inserted, (SELECT count(*) FROM w) AS woken,
-                   (SELECT count(*) FROM nt) AS notified"""
+            SELECT (SELECT count(*) FROM w) AS woken, (SELECT count(*) FROM nt) AS notified"""
+        self.sql_wake_cancelled = wake_cancelled.format(lock="")
+        self.sql_wake_cancelled_unlocked = wake_cancelled.format(lock="FOR UPDATE SKIP LOCKED")
+        self.sql_lock_timeout = "SET LOCAL lock_timeout = '250ms'"
 
         self.sql_undo_candidates = f"""
             SELECT id, saga, status, parent_id, lineage, message_id
@@ -632,6 +651,7 @@ class Store:
             self.channel,
             write.notify if listen else [],
             listen,
+            write.sleeping,
         )
         assert row is not None
         if row["updated"] != 1:
@@ -824,10 +844,25 @@ class Store:
         worker: str,
         listen: bool,
     ) -> bool:
-        row = await conn.fetchrow(
-            self.sql_cancel, target, root_id, failure, list(lineage), worker, self.channel, listen
-        )
-        assert row is not None
+        """Record a cancellation request, then wake the waiting runs it concerns.
+
+        The request commits first, so a step polling `give_up_if_needed` sees it at once.
+        Runs in the middle of a long step are not waited for: they see the request when
+        they finish (see `sql_finish`).
+        """
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                self.sql_cancel, target, root_id, failure, list(lineage), worker
+            )
+            assert row is not None
+        args = (target, root_id, self.channel, listen)
+        try:
+            async with conn.transaction():
+                await conn.execute(self.sql_lock_timeout)
+                await conn.execute(self.sql_wake_cancelled, *args)
+        except asyncpg.exceptions.LockNotAvailableError:
+            async with conn.transaction():
+                await conn.execute(self.sql_wake_cancelled_unlocked, *args)
         return bool(row["inserted"])
 
     async def undo_candidates(
