@@ -14,6 +14,7 @@ from .errors import (
     HierarchyTooDeepError,
     InvalidNameError,
     PayloadError,
+    RecursionLimitError,
     SagaDefinitionError,
     SchemaVersionError,
     ScoopyError,
@@ -33,6 +34,7 @@ from .failure import (
     RollbackRequested,
 )
 from .message import Message, Topic
+from .periodic import Schedule
 from .saga import NextStep, RetryPolicy, Saga, Step
 from .scope import Scope, current_scope
 from .strategy import EventLoopStrategy, RunView
@@ -63,6 +65,7 @@ __all__ = [
     "Outcome",
     "ParentSaidSo",
     "PayloadError",
+    "RecursionLimitError",
     "RetriesExhausted",
     "RetryPolicy",
     "RollbackFailed",
@@ -72,6 +75,7 @@ __all__ = [
     "RunView",
     "Saga",
     "SagaDefinitionError",
+    "Schedule",
     "SchemaVersionError",
     "ScoopyError",
     "Scope",

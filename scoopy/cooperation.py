@@ -358,7 +358,7 @@ class Cooperation:
         """Let workers run `saga` again."""
         name = saga.name if isinstance(saga, Saga) else saga
         async with self.pool.acquire() as conn:
-            await self.store.resume(conn, name)
+            await self.store.resume(conn, name, self.listen)
         self._wake(name)
 
     async def paused(self) -> list[str]:
@@ -482,6 +482,12 @@ class Cooperation:
         if self._worker is not None:
             self._worker.wake_in(max(0.0, (link.due - now).total_seconds()))
         return handle
+
+    async def schedules(self) -> list[periodic.Schedule]:
+        """The active schedules: key, topic, cadence and when each next fires (`due`)."""
+        async with self.pool.acquire() as conn:
+            links = await self.store.schedule_links(conn, periodic.PERIODIC)
+        return [periodic.SCHEDULES.decode(link) for link in links]
 
     async def unschedule(self, key: str, reason: str = "unscheduled") -> int:
         """Stop a schedule; return how many pending links of its chain were cancelled."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,10 +81,16 @@ def _render(failure: CooperationFailure, lines: list[str], indent: str) -> None:
 
 
 def type_name(kind: type[BaseException]) -> str:
+    """The `type` of a failure: `module.QualName`, or `scoopy.Name` for scoopy's own errors."""
     if isinstance(kind, type) and issubclass(kind, CooperationError):
         return kind.wire_type
     module = kind.__module__
-    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+    if module == "builtins":
+        return kind.__qualname__
+    package = sys.modules.get("scoopy")
+    if module.startswith("scoopy.") and getattr(package, kind.__qualname__, None) is kind:
+        return f"scoopy.{kind.__qualname__}"  # stable however the package is laid out
+    return f"{module}.{kind.__qualname__}"
 
 
 _ENGINE = str(Path(__file__).resolve().parent / "engine")

@@ -83,6 +83,7 @@ class Scope:
         self.result: str | None = None
         self.touched = False  # whether user code reached for the connection
         self.previous_instance = 0  # the step instance whose children `child_results` reads
+        # (with the children its child-failure handlers launched after it)
         self._connection = connection
         self._instance = instance
         self._topic = topic

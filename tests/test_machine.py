@@ -499,8 +499,12 @@ def handled(step: str, index: int, instance: int, handler: int, iteration: int =
     )
 
 
-def rolling_back(step: str, index: int, failure: CooperationFailure) -> EventSpec:
-    return EventSpec(EventType.ROLLING_BACK, step=step, step_index=index, failure=failure)
+def rolling_back(
+    step: str, index: int, failure: CooperationFailure, iteration: int | None = 0
+) -> EventSpec:
+    return EventSpec(
+        EventType.ROLLING_BACK, step=step, step_index=index, iteration=iteration, failure=failure
+    )
 
 
 def children_rolled_back(
@@ -869,7 +873,7 @@ def test_the_failing_iteration_is_not_compensated() -> None:
     )
     assert sim.run() == Finish("rolled_back", cause)
     assert sim.compensated == [Instance(1, 0, 0)]
-    assert sim.events[1] == rolling_back("loop", 0, cause)
+    assert sim.events[1] == rolling_back("loop", 0, cause, iteration=1)  # the failing one
 
 
 # -- 7. child failures on the happy path ------------------------------------------------------

@@ -83,7 +83,7 @@ async def test_a_launch_inside_a_step_with_a_bad_payload_fails_that_step(
 
     assert outcome.status == "rolled_back"
     assert outcome.failure is not None
-    assert outcome.failure.type == "scoopy.errors.PayloadError"
+    assert outcome.failure.type == "scoopy.PayloadError"
     assert "'elsewhere'" in outcome.failure.message
     assert await db.fetchval("SELECT count(*) FROM message WHERE topic = 'elsewhere'") == 0
 

@@ -85,6 +85,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     iteration: int = 0  # iteration of the next step
     last: int | None = None  # step of the latest instance (whose children we wait for)
     last_iteration: int = 0
+    step_instance: int = 0  # instance of the latest step (its handlers' instances follow it)
     handlers: int = 0  # on_child_failure invocations for the latest step
     attempt: int = 1  # attempt number of the next step
     attempts: list[CooperationFailure] = []
@@ -430,10 +431,18 @@ class Machine:
         tainted: Sequence[CooperationFailure] = (),
     ) -> Transition:
         """Leave the happy path: record the failure and start rolling back."""
+        iteration = (
+            s.iteration
+            if step is not None and step == s.step
+            else s.last_iteration
+            if step is not None and step == s.last
+            else None
+        )
         event = EventSpec(
             EventType.ROLLING_BACK,
             step=self.name(step),
             step_index=step,
+            iteration=iteration,
             failure=failure,
         )
         rolled = msgspec.structs.replace(
@@ -489,6 +498,7 @@ class Machine:
             seq=act.seq,
             last=act.step,
             last_iteration=act.iteration,
+            step_instance=act.seq,
             step=following,
             iteration=iteration,
             handlers=0,

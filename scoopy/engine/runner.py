@@ -476,7 +476,7 @@ class _Advance:
         step = self.saga.steps[act.step]
         before = self.context.copy()
         scope = self.scope(step.name, act.iteration, act.attempt, act.seq)
-        scope.previous_instance = state.seq
+        scope.previous_instance = state.step_instance
 
         async def call() -> tuple[int | None, int]:
             nxt = await step.invoke(scope, self.payload())
@@ -507,7 +507,7 @@ class _Advance:
         scope = self.scope(
             step.name, state.last_iteration, 1, act.seq, handler_iteration=act.handler_iteration
         )
-        scope.previous_instance = state.seq
+        scope.previous_instance = state.step_instance
         error = act.failure.to_exception()
 
         async def call() -> tuple[int | None, int] | None:

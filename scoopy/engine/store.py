@@ -361,6 +361,11 @@ class Store:
         self.sql_message_by_key = f"SELECT id FROM {q}.message WHERE key = $1"
         self.sql_now = "SELECT clock_timestamp()"
         self.sql_lock_xact = "SELECT pg_advisory_xact_lock(hashtext($1))"
+        self.sql_schedules = f"""
+            SELECT m.payload::text FROM {q}.run r JOIN {q}.message m ON m.id = r.message_id
+             WHERE r.saga = $1 AND r.ready_at IS NOT NULL AND r.status IN ('pending', 'active')
+               AND NOT EXISTS (SELECT 1 FROM {q}.cancellation c WHERE c.target = r.root_id)
+             ORDER BY r.ready_at"""
         self.sql_active_chains = f"""
             SELECT DISTINCT r.root_id
               FROM {q}.run r JOIN {q}.message m ON m.id = r.message_id
@@ -371,7 +376,7 @@ class Store:
         self.sql_child_results = f"""
             SELECT r.saga, r.result::text AS result, m.topic
               FROM {q}.run r JOIN {q}.message m ON m.id = r.message_id
-             WHERE r.parent_id = $1 AND r.parent_instance = $2 AND r.status = 'committed'
+             WHERE r.parent_id = $1 AND r.parent_instance >= $2 AND r.status = 'committed'
                AND r.result IS NOT NULL
              ORDER BY r.created_at, r.id"""
 
@@ -396,7 +401,9 @@ class Store:
         self.sql_pause = f"""
             INSERT INTO {q}.paused_saga (saga, reason) VALUES ($1, $2)
             ON CONFLICT (saga) DO UPDATE SET reason = EXCLUDED.reason"""
-        self.sql_resume = f"DELETE FROM {q}.paused_saga WHERE saga = $1"
+        self.sql_resume = f"""
+            WITH d AS (DELETE FROM {q}.paused_saga WHERE saga = $1 RETURNING saga)
+            SELECT pg_notify($2, 'r:' || saga) FROM d WHERE $3"""
         self.sql_paused = f"SELECT saga FROM {q}.paused_saga ORDER BY saga"
 
         self.sql_topic_of = f"SELECT topic FROM {q}.message WHERE id = $1"
@@ -786,8 +793,8 @@ class Store:
     async def pause(self, conn: Connection, saga: str, reason: str | None) -> None:
         await conn.execute(self.sql_pause, saga, reason)
 
-    async def resume(self, conn: Connection, saga: str) -> None:
-        await conn.execute(self.sql_resume, saga)
+    async def resume(self, conn: Connection, saga: str, listen: bool) -> None:
+        await conn.execute(self.sql_resume, saga, self.channel, listen)
 
     async def paused(self, conn: Connection) -> list[str]:
         return [row[0] for row in await conn.fetch(self.sql_paused)]
@@ -804,6 +811,10 @@ class Store:
         """Serialize with other transactions taking the same named lock (until commit)."""
         await conn.execute(self.sql_lock_xact, f"{self.schema}:{name}")
 
+    async def schedule_links(self, conn: Connection, saga: str) -> list[str]:
+        """Payloads (JSON) of the schedule chain links still waiting or running."""
+        return [row[0] for row in await conn.fetch(self.sql_schedules, saga)]
+
     async def active_chains(
         self, conn: Connection, saga: str, key: str, prefix: str
     ) -> list[uuid.UUID]:
@@ -813,7 +824,8 @@ class Store:
     async def child_results(
         self, conn: Connection, parent_id: uuid.UUID, instance: int
     ) -> list[tuple[str, str, str]]:
-        """(saga, result JSON, topic) of the committed children of one step instance."""
+        """(saga, result JSON, topic) of the committed children of a step instance and of the
+        child-failure handler instances that followed it (a retry's children count too)."""
         rows = await conn.fetch(self.sql_child_results, parent_id, instance)
         return [(row[0], row[1], row[2]) for row in rows]
 

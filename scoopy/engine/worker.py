@@ -15,7 +15,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
@@ -71,6 +70,7 @@ class Worker:
         self._idle.set()
         self._busy = 0
         self._timer: float | None = None  # monotonic time of the earliest known due run
+        self._poll_now = True
         self.listening = anyio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -109,6 +109,7 @@ class Worker:
         self.slots[binding.saga.name] = slots
         if self._tg is not None:
             self._start_saga(slots)
+        self._poll_now = True
         self._poke.set()
 
     def _start_saga(self, slots: _Slots) -> None:
@@ -191,40 +192,44 @@ class Worker:
                         await conn.close(timeout=2)
 
     async def _poll_loop(self) -> None:
-        timeout = 0.0
+        """Poll every `poll_interval`, and also when the earliest known due time comes.
+
+        A timer never postpones a poll: the poll is the safety net for whatever no
+        notification announced.
+        """
+        next_poll = time.monotonic()
         while not self.stopping:
-            if self._timer is not None:
-                timeout = min(timeout, max(0.0, self._timer - time.monotonic()))
-            with anyio.move_on_after(timeout):
-                await self._poke.wait()
-            if self._poke.is_set():
+            now = time.monotonic()
+            wake = next_poll if self._timer is None else min(next_poll, self._timer)
+            if wake > now and not self._poll_now:
+                with anyio.move_on_after(wake - now):
+                    await self._poke.wait()
                 self._poke = anyio.Event()
-                if self._timer is not None and self._timer > time.monotonic():
-                    timeout = max(0.0, self._timer - time.monotonic())
-                    continue  # only the timer moved: sleep until it rather than poll now
+                now = time.monotonic()
+                timer_due = self._timer is not None and self._timer <= now
+                if now < next_poll and not timer_due and not self._poll_now:
+                    continue  # only the timer moved: sleep again until the earliest time
+            self._poll_now = False
             self._timer = None
-            timeout = self.poll_interval
+            next_poll = now + self.poll_interval
             sagas = list(self.slots)
             if not sagas:
                 continue
             try:
                 async with self.pool.acquire() as conn:
-                    due, now = await self.store.poll(conn, sagas)
+                    due, db_now = await self.store.poll(conn, sagas)
             except RETRYABLE as exc:
                 log.warning("poll failed", error=str(exc))
                 continue
-            assert now is not None
-            soonest: datetime | None = None
+            assert db_now is not None
             for saga, ready_at in due:
                 if ready_at is None:
                     continue
-                if ready_at <= now:
+                if ready_at <= db_now:
                     self.wake(saga)
-                elif soonest is None or ready_at < soonest:
-                    soonest = ready_at
-            if soonest is not None:
-                # Wake just after the earliest due time; never busy-wait.
-                timeout = min(timeout, max(0.001, (soonest - now).total_seconds() + 0.001))
+                else:
+                    # Wake just after the earliest due time; never busy-wait.
+                    self.wake_in((ready_at - db_now).total_seconds() + 0.001)
 
     async def _saga_loop(self, slots: _Slots) -> None:
         assert self._tg is not None
