@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -18,6 +18,16 @@ from scoopy import Event
 both_modes = pytest.mark.parametrize("listen", [True, False], ids=["listen", "poll"])
 
 WAIT = 30.0  # generous upper bound for a hierarchy to finish on a loaded CI machine
+RECHECK = 0.02  # how often `eventually` re-asks a condition nothing notifies us of
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = WAIT) -> None:
+    """Wait until `check()` holds (TimeoutError after `timeout`): a condition, not a sleep."""
+    with anyio.fail_after(timeout):
+        while True:  # the database notifies nobody of these conditions: re-ask
+            if await check():
+                return
+            await anyio.sleep(RECHECK)
 
 
 def triples(

@@ -36,7 +36,7 @@ from scoopy import (
     deadline,
 )
 
-from .helpers import WAIT, WorkerProcess, both_modes, of_saga
+from .helpers import WAIT, WorkerProcess, both_modes, eventually, of_saga
 
 MakeCoop = Callable[..., Cooperation]
 
@@ -63,13 +63,15 @@ class PaymentAbandoned(Exception):
 async def wait_for_event(
     coop: Cooperation, root_id: uuid.UUID, match: Callable[[Event], bool]
 ) -> Event:
-    """Poll the hierarchy's event log until an event matches (a condition, not a fixed sleep)."""
-    with anyio.fail_after(WAIT):
-        while True:
-            for event in await coop.events(root_id):
-                if match(event):
-                    return event
-            await anyio.sleep(0.02)
+    """Wait until the hierarchy's event log holds a matching event, and return it."""
+    found: list[Event] = []
+
+    async def seen() -> bool:
+        found[:] = [event for event in await coop.events(root_id) if match(event)]
+        return bool(found)
+
+    await eventually(seen)
+    return found[0]
 
 
 def describe(failure: CooperationFailure | None) -> str | None:

@@ -7,7 +7,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,10 +33,12 @@ from scoopy import (
 from scoopy.periodic import CatchUp
 from scoopy.strategy import TimeWindow
 
-from .helpers import ROOT, WAIT, WorkerProcess, both_modes, of_saga
+from .helpers import ROOT, WAIT, WorkerProcess, both_modes, eventually, of_saga
 
 APP = "tests.apps.timed:setup"
 PERIODIC = "scoopy.periodic"
+PERIOD = 0.2  # seconds between firings of the periodic schedules below
+QUIET_PERIODS = 2.5
 
 
 class Boom(Exception):
@@ -46,13 +48,7 @@ class Boom(Exception):
 # -- helpers ------------------------------------------------------------------------------
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = WAIT) -> None:
-    """Wait for a condition nothing notifies us of (re-checked every 20 ms)."""
-    with anyio.fail_after(timeout):
-        while True:
-            if await check():
-                return
-            await anyio.sleep(0.02)
+until = eventually
 
 
 async def db_now(db: asyncpg.Connection[asyncpg.Record]) -> datetime:
@@ -281,7 +277,8 @@ async def test_a_schedule_fires_on_a_gap_free_progression_until_unscheduled(
         )
         assert live_links == 0
         fired_keys = await keys_like(db, fired_prefix)
-        await anyio.sleep(0.5)  # 2.5 periods: a live chain would fire again meanwhile
+        # The clock is the behaviour under test: a live chain would fire again within this.
+        await anyio.sleep(QUIET_PERIODS * PERIOD)
         assert sorted(await keys_like(db, fired_prefix)) == sorted(fired_keys)
         fired = {
             row["key"]: row
