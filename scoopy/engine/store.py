@@ -143,6 +143,17 @@ class Store:
         self.schema = check_schema(schema)
         q = '"' + schema + '"'
         self.channel = f"scoopy_{schema}"
+
+        # A parent whose last awaited child just finished may go on now, unless it also
+        # asked to sleep (then at resume_at), but never later than its deadline.
+        parent_ready = """LEAST(COALESCE(p.deadline_at, 'infinity'),
+                                GREATEST(clock_timestamp(), COALESCE(p.resume_at, '-infinity')))"""
+        # Children a parent still waits for that no worker has started: they can be given
+        # up on. One being started right now is locked, and so counts as started.
+        unstarted = f"""
+            SELECT id FROM {q}.run
+             WHERE parent_id = $1 AND awaited AND status = 'pending'
+               FOR UPDATE SKIP LOCKED"""
         self.lock_key = f"scoopy:{schema}"
 
         self.sql_create_schema = f"CREATE SCHEMA IF NOT EXISTS {q}"
@@ -241,11 +252,8 @@ class Store:
                 UPDATE {q}.run p
                    SET pending = p.pending - 1,
                        failed = p.failed + $15,
-                       ready_at = CASE WHEN p.pending = 1
-                           THEN LEAST(COALESCE(p.deadline_at, 'infinity'),
-                                      GREATEST(clock_timestamp(),
-                                               COALESCE(p.resume_at, '-infinity')))
-                           ELSE p.ready_at END,
+                       ready_at = CASE WHEN p.pending = 1 THEN {parent_ready}
+                                       ELSE p.ready_at END,
                        updated_at = clock_timestamp()
                  WHERE p.id = $14 AND $16
                 RETURNING p.saga, p.pending
@@ -298,11 +306,7 @@ class Store:
             SELECT 'run', NULL, saga FROM kids"""
 
         self.sql_skip_unstarted = f"""
-            WITH s AS (
-                SELECT id FROM {q}.run
-                 WHERE parent_id = $1 AND awaited AND status = 'pending'
-                   FOR UPDATE SKIP LOCKED
-            ), u AS (
+            WITH s AS ({unstarted}), u AS (
                 UPDATE {q}.run r
                    SET status = 'skipped', awaited = false, ready_at = NULL,
                        updated_at = clock_timestamp()
@@ -384,11 +388,7 @@ class Store:
             SELECT count(*) FROM {q}.run WHERE id = ANY ($1::uuid[]) AND saga = $2"""
 
         self.sql_detach_unstarted = f"""
-            WITH s AS (
-                SELECT id FROM {q}.run
-                 WHERE parent_id = $1 AND awaited AND status = 'pending'
-                   FOR UPDATE SKIP LOCKED
-            ), u AS (
+            WITH s AS ({unstarted}), u AS (
                 UPDATE {q}.run r
                    SET parent_id = NULL, parent_instance = NULL, parent_wait = NULL,
                        awaited = false, root_id = r.message_id,
@@ -461,11 +461,8 @@ class Store:
             ), p AS (
                 UPDATE {q}.run p
                    SET pending = p.pending - c.n,
-                       ready_at = CASE WHEN p.pending = c.n
-                           THEN LEAST(COALESCE(p.deadline_at, 'infinity'),
-                                      GREATEST(clock_timestamp(),
-                                               COALESCE(p.resume_at, '-infinity')))
-                           ELSE p.ready_at END,
+                       ready_at = CASE WHEN p.pending = c.n THEN {parent_ready}
+                                       ELSE p.ready_at END,
                        updated_at = clock_timestamp()
                   FROM c WHERE p.id = c.parent_id
                 RETURNING p.saga, p.pending
