@@ -174,7 +174,13 @@ class Cooperation:
         self.shutdown_grace = shutdown_grace
         self.connect_timeout = connect_timeout
         self.data_dir = Path(data_dir) if data_dir is not None else None
-        self.server_settings = {"jit": "off", "application_name": "scoopy"}
+        # Generic plans: scoopy's statements are index lookups whose plan never depends on
+        # the parameters, and planning them cost more than running them.
+        self.server_settings = {
+            "jit": "off",
+            "plan_cache_mode": "force_generic_plan",
+            "application_name": "scoopy",
+        }
         self.server_settings.update(server_settings or {})
         self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{uuid7().hex[-8:]}"
         self.store = Store(self.schema)
@@ -182,6 +188,8 @@ class Cooperation:
         self._unsynced: list[tuple[Literal["+", "-"], str, str]] = []
         self._sync_lock = anyio.Lock()
         self._waiters: dict[uuid.UUID, set[anyio.Event]] = {}
+        self.own_backends: set[int] = set()
+        self.dirty_backends: set[int] = set()
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._worker: Worker | None = None
         self._stack: AsyncExitStack | None = None
@@ -238,6 +246,8 @@ class Cooperation:
                     poll_interval=self.poll_interval,
                     connect_listener=self._connect_listener,
                     on_root_done=self._root_done,
+                    own_backends=self.own_backends,
+                    dirty_backends=self.dirty_backends,
                 )
                 for binding in self.bindings.values():
                     self._worker.serve(binding)
@@ -267,6 +277,8 @@ class Cooperation:
         try:
             pool = await asyncpg.create_pool(
                 dsn,
+                init=self._remember_backend,
+                reset=self._reset_if_used,
                 min_size=1,
                 max_size=self.pool_size,
                 timeout=self.connect_timeout,
@@ -278,6 +290,21 @@ class Cooperation:
             ) from exc
         assert pool is not None
         return pool
+
+    async def _remember_backend(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        # Notifications from our own connections announce what this process has already
+        # woken itself for; the listener skips them (see Worker._on_notify).
+        pid = conn.get_server_pid()
+        self.own_backends.add(pid)
+        conn.add_termination_listener(lambda _conn: self.own_backends.discard(pid))
+
+    async def _reset_if_used(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        # scoopy's own statements leave no session state behind; a session that user code
+        # used (a step's `scope.connection`) gets asyncpg's full reset before it is reused.
+        pid = conn.get_server_pid()
+        if pid in self.dirty_backends:
+            self.dirty_backends.discard(pid)
+            await conn.execute(conn.get_reset_query())
 
     async def _connect_listener(self) -> asyncpg.Connection[asyncpg.Record]:
         assert self._resolved_dsn is not None

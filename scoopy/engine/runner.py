@@ -13,6 +13,7 @@ import anyio
 import asyncpg
 import msgspec
 import structlog
+from asyncpg.transaction import Transaction
 
 from ..context import CooperationContext
 from ..failure import (
@@ -108,6 +109,9 @@ class Advanced:
     root_done: uuid.UUID | None = None
     events: list[EventRow] = field(default_factory=list)
     wake_in: float | None = None  # seconds until the run is due again, if it waits for a time
+    touched: bool = False  # user code used the connection (it may have changed session state)
+    more: bool = False  # other runs of the saga were ready when this one was claimed
+    again: bool = False  # this run is ready for its next step right away
 
 
 def _json(failure: CooperationFailure | None) -> str | None:
@@ -139,19 +143,44 @@ class Runner:
         self.on_committed = on_committed
         self._strikes: dict[uuid.UUID, int] = {}
 
-    async def run_next(self, conn: Connection, binding: Binding) -> bool:
-        """Claim one ready run of `binding`'s saga and advance it; False if none was ready."""
-        claimed: Claimed | None = None
+    async def claim(self, conn: Connection, binding: Binding) -> Lease | None:
+        """Open a transaction on `conn` and lock one ready run of the saga in it.
+
+        On success the transaction stays open for `advance`; otherwise it is closed.
+        (asyncpg's Transaction object, not a bare BEGIN, so that user code can nest
+        `async with scope.connection.transaction()` blocks.)
+        """
+        tx = conn.transaction()
+        await tx.start()
         try:
-            async with conn.transaction():
-                claimed = await self.store.claim(conn, binding.saga.name)
-                if claimed is None:
-                    return False
-                advanced = await _Advance(self, conn, binding, claimed).advance()
+            claimed = await self.store.claim(conn, binding.saga.name)
+        except BaseException:
+            await _rollback(tx, conn)
+            raise
+        if claimed is None:
+            await tx.rollback()
+            return None
+        return Lease(claimed, tx)
+
+    async def advance(self, conn: Connection, binding: Binding, lease: Lease) -> Advanced:
+        """Advance a run claimed by `claim` and commit (or roll back) its transaction."""
+        claimed = lease.claimed
+        try:
+            try:
+                try:
+                    advanced = await _Advance(self, conn, binding, claimed).advance()
+                except BaseException:
+                    await _rollback(lease.tx, conn)
+                    raise
+                await lease.tx.commit()
+            except _Redo as redo:
+                redone = await self._redo(conn, binding, claimed, redo.error)
+                advanced = Advanced() if redone is None else redone
+                advanced.touched = True  # the failed attempt used the connection
         except TRANSIENT:
             raise
         except Exception as exc:
-            if claimed is not None and not conn.is_closed():
+            if not conn.is_closed():
                 # A run we cannot advance must not starve the runs queued behind it.
                 strikes = self._strikes.get(claimed.id, 0) + 1
                 self._strikes[claimed.id] = strikes
@@ -168,13 +197,69 @@ class Runner:
         self._strikes.pop(claimed.id, None)
         self.on_committed(advanced)
         _log_events(advanced.events, self.worker)
-        return True
+        return advanced
+
+    async def run_next(self, conn: Connection, binding: Binding) -> Advanced | None:
+        """Claim one ready run of the saga and advance it; None if none was ready."""
+        lease = await self.claim(conn, binding)
+        return None if lease is None else await self.advance(conn, binding, lease)
+
+    async def _redo(
+        self, conn: Connection, binding: Binding, claimed: Claimed, error: BaseException
+    ) -> Advanced | None:
+        """Redo a transaction whose user code failed after writing, without that code.
+
+        The rollback undid everything; the run is locked again (waiting if need be) and,
+        unless someone advanced it meanwhile, replayed with the recorded failure in place
+        of the user code. None if someone else had advanced it.
+        """
+        async with conn.transaction():
+            again = await self.store.reclaim(conn, claimed.id)
+            if again is None or (again.status, again.state, again.rollback_request) != (
+                claimed.status,
+                claimed.state,
+                claimed.rollback_request,
+            ):
+                return None
+            return await _Advance(self, conn, binding, again, injected=error).advance()
+
+
+async def _rollback(tx: Transaction, conn: Connection) -> None:
+    """Roll back, shielded from cancellation: the run must not stay locked."""
+    if conn.is_closed():
+        return
+    with anyio.CancelScope(shield=True):
+        await tx.rollback()
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claimed run and the open transaction holding its lock."""
+
+    claimed: Claimed
+    tx: Transaction
+
+
+class _Redo(Exception):
+    """User code failed after writing through the step's connection: the whole transaction
+    must be rolled back and the run advanced again with this failure."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
 
 
 class _Advance:
     """One transaction's worth of progress for one run."""
 
-    def __init__(self, runner: Runner, conn: Connection, binding: Binding, claimed: Claimed):
+    def __init__(
+        self,
+        runner: Runner,
+        conn: Connection,
+        binding: Binding,
+        claimed: Claimed,
+        injected: BaseException | None = None,
+    ):
         self.runner = runner
         self.store = runner.store
         self.conn = conn
@@ -198,6 +283,8 @@ class _Advance:
         self.pending = claimed.pending
         self.reset_failed = False
         self.result: str | None = None
+        self.touched = False
+        self.injected = injected  # a failure recorded before a redo, replayed as the user code
         self.state = _state_decoder.decode(claimed.state)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -412,12 +499,16 @@ class _Advance:
     async def user_code(
         self, scope: Scope, call: Callable[[], Any], path: Literal["happy", "rollback"]
     ) -> tuple[Any, BaseException | None]:
-        """Run user code in a savepoint; on failure undo its writes and return the error.
+        """Run user code; on failure return the error with none of its writes left.
 
-        A run that ran out of time during the code gives up inside the same transaction,
-        so the overrunning work is discarded rather than committed and then compensated.
+        No savepoint is paid for: code that failed before touching `scope.connection` wrote
+        nothing, and code that failed after touching it makes the whole transaction redo
+        (`_Redo`). A run that ran out of time during the code gives up inside the same
+        transaction, so the overrunning work is discarded rather than committed.
         """
-        await self.conn.execute("SAVEPOINT scoopy_step")
+        if self.injected is not None:
+            error, self.injected = self.injected, None
+            return None, error
         token = _current.set(scope)
         try:
             result = await call()
@@ -425,19 +516,17 @@ class _Advance:
             reason = self.strategy.give_up(self.view(state))
             if reason is not None:
                 raise GaveUp(self.machine.gave_up(reason))
-            if scope.touched:
-                # Fails if user code left the transaction aborted (a swallowed SQL error),
-                # which then counts as the step's failure.
-                await self.conn.execute("RELEASE SAVEPOINT scoopy_step")
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
             if isinstance(exc, DB_TRANSIENT) or self.conn.is_closed():
                 raise
-            await self.conn.execute("ROLLBACK TO SAVEPOINT scoopy_step")
+            if scope.touched:
+                raise _Redo(exc) from exc
             return None, exc
         finally:
             _current.reset(token)
+        self.touched = self.touched or scope.touched
         if scope.launches:
             await self.emit(scope)
         if scope.result is not None:
@@ -445,7 +534,10 @@ class _Advance:
         return result, None
 
     async def emit(self, scope: Scope) -> None:
-        inserted, created = await self.store.emit(self.conn, scope.launches, self.run)
+        try:
+            inserted, created = await self.store.emit(self.conn, scope.launches, self.run)
+        except asyncpg.exceptions.InFailedSQLTransactionError as exc:
+            raise _Redo(exc) from exc  # user code swallowed an SQL error
         children = {launch.id for launch in scope.launches if launch.scoped}
         self.pending += sum(1 for message_id, _ in created if message_id in children)
         for _, saga in created:
@@ -622,9 +714,14 @@ class _Advance:
             notify=self.notify,
             sleeping=not terminal and state.path == "happy" and self.pending == 0,
         )
-        parent_saga, parent_pending = await self.store.finish(
-            self.conn, write, self.runner.worker, self.runner.listen
-        )
+        try:
+            parent_saga, parent_pending = await self.store.finish(
+                self.conn, write, self.runner.worker, self.runner.listen
+            )
+        except asyncpg.exceptions.InFailedSQLTransactionError as exc:
+            if not self.touched:
+                raise
+            raise _Redo(exc) from exc  # user code swallowed an SQL error
         if parent_saga is not None and parent_pending == 0:
             self.ready_sagas.add(parent_saga)
         timed = None if terminal else (ready_at if ready_at is not None else deadline)
@@ -638,6 +735,9 @@ class _Advance:
             root_done=self.run.root_id if root_done else self.run.id if alone else None,
             events=self.events,
             wake_in=wake_in,
+            touched=self.touched,
+            more=self.run.more,
+            again=not terminal and ready_at is not None and wake_in is None,
         )
 
 

@@ -108,6 +108,7 @@ class Claimed:
     payload: str
     cancellation: str | None
     now: datetime
+    more: bool  # other runs of this saga were ready too (some perhaps held by other workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,22 +173,38 @@ class Store:
         self.sql_unlock = "SELECT pg_advisory_unlock(hashtext($1))"
         self.sql_drop_schema = f"DROP SCHEMA IF EXISTS {q} CASCADE"
 
-        self.sql_claim = f"""
+        # Lock first, then look: rows skipped because another worker holds them cost no
+        # join and no cancellation probe. The locked row's columns come from the CTE, which
+        # returns its newest version (re-reading `run` outside it could see an older one).
+        def claim(pick: str) -> str:
+            return f"""
+            WITH r AS (
+                SELECT id, root_id, message_id, saga, parent_id, lineage, status, state,
+                       pending, failed, awaited, context, rollback_request
+                  FROM {q}.run
+                {pick}
+            )
             SELECT r.id, r.root_id, r.message_id, r.saga, r.parent_id, r.lineage, r.status,
                    r.state::text AS state, r.pending, r.failed, r.awaited,
-                   r.context::text AS context,
-                   r.rollback_request::text AS rollback_request,
+                   r.context::text AS context, r.rollback_request::text AS rollback_request,
                    m.topic, m.payload::text AS payload,
                    (SELECT c.failure::text FROM {q}.cancellation c
                      WHERE c.target = ANY (r.lineage)
                      ORDER BY c.created_at LIMIT 1) AS cancellation,
-                   clock_timestamp() AS now
-              FROM {q}.run r JOIN {q}.message m ON m.id = r.message_id
-             WHERE r.saga = $1 AND r.ready_at <= clock_timestamp()
-               AND NOT EXISTS (SELECT 1 FROM {q}.paused_saga p WHERE p.saga = $1)
-             ORDER BY r.ready_at
-             LIMIT 1
-               FOR UPDATE OF r SKIP LOCKED"""
+                   clock_timestamp() AS now,
+                   EXISTS (SELECT 1 FROM {q}.run x
+                            WHERE x.saga = r.saga AND x.ready_at <= clock_timestamp()
+                              AND x.id <> r.id) AS more
+              FROM r JOIN {q}.message m ON m.id = r.message_id"""
+
+        self.sql_claim = claim(
+            f"""WHERE saga = $1 AND ready_at <= clock_timestamp()
+                   AND NOT EXISTS (SELECT 1 FROM {q}.paused_saga p WHERE p.saga = $1)
+                 ORDER BY ready_at
+                 LIMIT 1
+                   FOR UPDATE SKIP LOCKED"""
+        )
+        self.sql_reclaim = claim("WHERE id = $1 FOR UPDATE")
 
         self.sql_emit = f"""
             WITH m AS (
@@ -354,7 +371,7 @@ class Store:
         self.sql_root_runs = f"""
             SELECT id, saga, status, failure::text AS failure,
                    rollback_failure::text AS rollback_failure
-              FROM {q}.run WHERE message_id = $1 AND parent_id IS NULL
+              FROM {q}.run WHERE root_id = $1 AND parent_id IS NULL AND message_id = $1
              ORDER BY saga"""
 
         self.sql_cancellation_of = f"""
@@ -590,6 +607,11 @@ class Store:
         if row is None:
             return None
         return Claimed(*row)
+
+    async def reclaim(self, conn: Connection, run_id: uuid.UUID) -> Claimed | None:
+        """Lock one run by id, waiting for whoever holds it."""
+        row = await conn.fetchrow(self.sql_reclaim, run_id)
+        return None if row is None else Claimed(*row)
 
     async def emit(
         self, conn: Connection, messages: Sequence[NewMessage], emitter: Claimed

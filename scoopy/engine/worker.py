@@ -22,7 +22,7 @@ import anyio.abc
 import asyncpg
 import structlog
 
-from .runner import TRANSIENT, Binding, Runner
+from .runner import TRANSIENT, Binding, Lease, Runner
 from .store import Store
 
 log = structlog.get_logger("scoopy")
@@ -31,6 +31,7 @@ RETRYABLE: tuple[type[BaseException], ...] = (OSError, asyncpg.PostgresError, *T
 
 if TYPE_CHECKING:
     ListenerFactory: TypeAlias = Callable[[], Awaitable[asyncpg.Connection[asyncpg.Record]]]
+    Pooled: TypeAlias = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Worker:
         poll_interval: float,
         connect_listener: ListenerFactory,
         on_root_done: Callable[[uuid.UUID | None], None],
+        own_backends: set[int] | None = None,
+        dirty_backends: set[int] | None = None,
     ) -> None:
         self.pool = pool
         self.store = store
@@ -62,6 +65,8 @@ class Worker:
         self.poll_interval = poll_interval
         self.connect_listener = connect_listener
         self.on_root_done = on_root_done
+        self.own_backends = own_backends if own_backends is not None else set()
+        self.dirty_backends = dirty_backends if dirty_backends is not None else set()
         self.slots: dict[str, _Slots] = {}
         self.stopping = False
         self._tg: anyio.abc.TaskGroup | None = None
@@ -141,10 +146,10 @@ class Worker:
         slots = self.slots.get(saga)
         return slots is not None and slots.active < slots.binding.saga.instances
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+    def _on_notify(self, _conn: Any, pid: int, _channel: str, payload: object) -> None:
         # Only flag work here: the database is never touched from a notification callback.
-        if not isinstance(payload, str):
-            return
+        if not isinstance(payload, str) or pid in self.own_backends:
+            return  # sent by this process, which woke itself when it committed
         if payload.startswith("r:"):
             self.wake(payload[2:])
         elif payload.startswith("d:"):
@@ -232,15 +237,92 @@ class Worker:
                     self.wake_in((ready_at - db_now).total_seconds() + 0.001)
 
     async def _saga_loop(self, slots: _Slots) -> None:
+        """The saga's claimer: on each wake-up, claim ready runs while there is capacity.
+
+        Each claimed run (its transaction open, its row locked) goes to an executor task.
+        Claiming in one place means one empty claim per burst of wake-ups at most, where
+        slots claiming side by side raced each other for the same runs.
+        """
         assert self._tg is not None
+        failures = 0
         while not self.stopping:
             await slots.wake.wait()
             slots.wake = anyio.Event()
-            if self.stopping:
-                break
-            if slots.active < slots.binding.saga.instances:
+            while not self.stopping and slots.active < slots.binding.saga.instances:
+                try:
+                    claimed = await self._claim(slots)
+                    failures = 0
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:
+                    failures += 1
+                    delay = min(5.0, 0.05 * math.pow(2, failures))
+                    log.warning(
+                        "claiming failed; retrying",
+                        saga=slots.binding.saga.name,
+                        error=repr(exc),
+                        delay=delay,
+                    )
+                    await anyio.sleep(delay)
+                    slots.wake.set()
+                    break
+                if claimed is None:
+                    break
+                conn, lease = claimed
                 self._enter(slots)
-                self._tg.start_soon(self._slot, slots)
+                self._tg.start_soon(self._execute, slots, conn, lease)
+                if not lease.claimed.more:
+                    break  # nothing else was ready: spare the empty claim
+
+    async def _claim(self, slots: _Slots) -> tuple[Pooled, Lease] | None:
+        conn = await self.pool.acquire()
+        try:
+            lease = await self.runner.claim(conn, slots.binding)
+        except BaseException:
+            await self._release(conn, dirty=False)
+            raise
+        if lease is None:
+            await self._release(conn, dirty=False)
+            return None
+        return conn, lease
+
+    async def _execute(self, slots: _Slots, conn: Pooled, lease: Lease | None) -> None:
+        """Advance a claimed run, then keep claiming on this connection while work remains.
+
+        Claims made here run in parallel across executors; the claimer only starts them.
+        """
+        advanced = None
+        try:
+            while lease is not None:
+                advanced = await self.runner.advance(conn, slots.binding, lease)
+                if self.stopping or not (advanced.again or advanced.more):
+                    break
+                if advanced.touched:
+                    await self._release(conn, dirty=True)
+                    conn = await self.pool.acquire()
+                    advanced = None
+                lease = await self.runner.claim(conn, slots.binding)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            advanced = None
+            # The run stays ready (or was deferred, if it cannot be advanced); back off
+            # while holding the capacity, so a broken database is not hammered.
+            log.warning(
+                "step transaction failed; retrying", saga=slots.binding.saga.name, error=repr(exc)
+            )
+            await anyio.sleep(0.5)
+            slots.wake.set()
+        finally:
+            await self._release(conn, dirty=advanced is None or advanced.touched)
+            self._leave(slots)
+
+    async def _release(self, conn: Pooled, *, dirty: bool) -> None:
+        """Return a connection; only one user code used gets the pool's session reset."""
+        if dirty and not conn.is_closed():
+            self.dirty_backends.add(conn.get_server_pid())
+        with anyio.CancelScope(shield=True):
+            await self.pool.release(conn)
 
     def _enter(self, slots: _Slots) -> None:
         slots.active += 1
@@ -253,31 +335,3 @@ class Worker:
         self._busy -= 1
         if self._busy == 0:
             self._idle.set()
-
-    async def _slot(self, slots: _Slots) -> None:
-        failures = 0
-        try:
-            while not self.stopping:
-                try:
-                    async with self.pool.acquire() as conn:
-                        got = await self.runner.run_next(conn, slots.binding)
-                    failures = 0
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except Exception as exc:
-                    failures += 1
-                    delay = min(5.0, 0.05 * math.pow(2, failures))
-                    log.warning(
-                        "step transaction failed; retrying",
-                        saga=slots.binding.saga.name,
-                        error=repr(exc),
-                        delay=delay,
-                    )
-                    await anyio.sleep(delay)
-                    continue
-                if not got:
-                    break
-                if slots.active < slots.binding.saga.instances:
-                    slots.wake.set()  # there may be more: let another slot join
-        finally:
-            self._leave(slots)
