@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -695,6 +696,7 @@ class _Advance:
             deadline = None  # already acted on
         write = RunWrite(
             run_id=self.run.id,
+            lineage=self.run.lineage,
             status=status,
             state=_state_encoder.encode(state).decode(),
             pending=0 if terminal else self.pending,
@@ -746,7 +748,17 @@ _INFO = {EventType.COMMITTED, EventType.ROLLED_BACK, EventType.CANCELLATION_REQU
 
 
 def _log_events(events: list[EventRow], worker: str) -> None:
+    enabled = getattr(log.bind(), "is_enabled_for", None)
     for event in events:
+        level = (
+            logging.WARNING
+            if event.type in _LOUD
+            else logging.INFO
+            if event.type in _INFO
+            else logging.DEBUG
+        )
+        if enabled is not None and not enabled(level):
+            continue  # nobody reads it: skip building the fields
         fields = {
             "saga": event.saga,
             "step": event.step,

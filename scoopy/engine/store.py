@@ -24,11 +24,6 @@ else:
     Connection = asyncpg.Connection
 
 
-def lineage_literal(lineage: Sequence[uuid.UUID]) -> str:
-    """A uuid[] value in PostgreSQL's text form (sent as a parameter, never spliced)."""
-    return "{" + ",".join(str(item) for item in lineage) + "}"
-
-
 @dataclass(slots=True)
 class NewMessage:
     id: uuid.UUID
@@ -67,6 +62,7 @@ class RunWrite:
     """The new state of a claimed run, written when its transaction ends."""
 
     run_id: uuid.UUID
+    lineage: Sequence[uuid.UUID]
     status: str
     state: str
     pending: int
@@ -240,13 +236,16 @@ class Store:
                                        lineage, worker, failure, context)
                 SELECT e.root_id, e.message_id, e.run_id, e.type, e.saga, e.step, e.phase,
                        e.step_index, e.instance, e.iteration, e.handler_iteration,
-                       e.lineage::uuid[], $17, e.failure, e.context
+                       -- the run's own events carry its lineage; a launch outside the
+                       -- hierarchy (no run) starts a lineage of its own
+                       CASE WHEN e.run_id IS NULL THEN ARRAY[e.root_id] ELSE $29::uuid[] END,
+                       $17, e.failure, e.context
                   FROM unnest($18::uuid[], $19::uuid[], $20::uuid[], $21::text[], $22::text[],
                               $23::text[], $24::text[], $25::int[], $26::int[], $27::int[],
-                              $28::int[], $29::text[], $30::jsonb[], $31::jsonb[])
+                              $28::int[], $30::jsonb[], $31::jsonb[])
                        WITH ORDINALITY AS e(root_id, message_id, run_id, type, saga, step, phase,
                                             step_index, instance, iteration, handler_iteration,
-                                            lineage, failure, context, ord)
+                                            failure, context, ord)
                  ORDER BY e.ord
                 RETURNING 1
             ), up AS (
@@ -639,8 +638,12 @@ class Store:
     async def finish(
         self, conn: Connection, write: RunWrite, worker: str, listen: bool
     ) -> tuple[str | None, int | None]:
-        """Write the run's events and new state; return the parent's saga and pending count."""
+        """Write the run's events and new state; return the parent's saga and pending count.
+
+        Every event belongs to this run, or (run_id None) starts a hierarchy of its own.
+        """
         ev = write.events
+        assert all(e.run_id in (write.run_id, None) for e in ev)
         row = await conn.fetchrow(
             self.sql_finish,
             write.run_id,
@@ -671,7 +674,7 @@ class Store:
             [e.instance for e in ev],
             [e.iteration for e in ev],
             [e.handler_iteration for e in ev],
-            [lineage_literal(e.lineage) for e in ev],
+            write.lineage,
             [e.failure for e in ev],
             [e.context for e in ev],
             self.channel,
