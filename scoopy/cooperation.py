@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+import weakref
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -111,10 +112,13 @@ class RunHandle:
         self.coop = coop
         self.id = root_id
         self.topic = topic
+        # Set when this process learns the hierarchy finished; handles from `launch` listen
+        # from the start, so waiting needs no query before the news arrives.
+        self.finished: anyio.Event | None = None
 
     async def wait(self, timeout: float | None = None) -> Outcome:
         """Wait until every run the message started has finished (TimeoutError after `timeout`)."""
-        return await self.coop.wait(self.id, timeout)
+        return await self.coop.wait(self.id, timeout, self.finished)
 
     async def events(self) -> list[Event]:
         return await self.coop.events(self.id)
@@ -188,6 +192,9 @@ class Cooperation:
         self._unsynced: list[tuple[Literal["+", "-"], str, str]] = []
         self._sync_lock = anyio.Lock()
         self._waiters: dict[uuid.UUID, set[anyio.Event]] = {}
+        self._launched: weakref.WeakValueDictionary[uuid.UUID, RunHandle] = (
+            weakref.WeakValueDictionary()
+        )
         self.own_backends: set[int] = set()
         self.dirty_backends: set[int] = set()
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
@@ -237,6 +244,7 @@ class Cooperation:
                     max_depth=self.max_depth,
                     max_recursion=self.max_recursion,
                     on_committed=self._on_committed,
+                    bindings=self.bindings,
                 )
                 self._worker = Worker(
                     self._pool,
@@ -447,8 +455,13 @@ class Cooperation:
             key=key,
         )
         await self._sync_subscriptions()
+        handle = RunHandle(self, root, resolved.name)
+        if self._worker is not None and self.listen:
+            # This process hears of every finish (its own, and others' by notification).
+            handle.finished = anyio.Event()
+            self._launched[root] = handle  # before the runs can exist: no news is missed
         if connection is not None:
-            root, _ = await self.store.launch(
+            root, sagas = await self.store.launch(
                 connection, message, self.worker_id, self.listen, at=at, after=delay
             )
         else:
@@ -463,7 +476,11 @@ class Cooperation:
                 self._worker.wake_in(max(0.0, due_in))
             for saga in sagas:
                 self._wake(saga)
-        return RunHandle(self, root, resolved.name)
+        if root != handle.id or not sagas:
+            # An existing hierarchy (its key was taken) or one with no runs: no news will come.
+            self._launched.pop(handle.id, None)
+            handle = RunHandle(self, root, resolved.name)
+        return handle
 
     async def schedule(
         self,
@@ -558,9 +575,25 @@ class Cooperation:
         for events in targets:
             for event in events:
                 event.set()
+        handles = self._launched.values() if root_id is None else [self._launched.get(root_id)]
+        for handle in handles:
+            if handle is not None and handle.finished is not None:
+                handle.finished.set()
 
-    async def wait(self, root_id: uuid.UUID, timeout: float | None = None) -> Outcome:
+    async def wait(
+        self,
+        root_id: uuid.UUID,
+        timeout: float | None = None,
+        finished: anyio.Event | None = None,
+    ) -> Outcome:
+        """Wait for a hierarchy's outcome (see `RunHandle.wait`)."""
         with anyio.fail_after(timeout):
+            if finished is not None:
+                # Registered before the launch committed: nothing can be missed, and the
+                # poll interval bounds the wait if the news comes from another process
+                # without notifications.
+                with anyio.move_on_after(self.poll_interval):
+                    await finished.wait()
             while True:
                 event = anyio.Event()
                 self._waiters.setdefault(root_id, set()).add(event)

@@ -300,3 +300,34 @@ async def test_steps_that_emit_nothing_still_suspend_then_commit(
         ("COMMITTED", "one-step", "only"),
     ]
     assert of_saga(events, "one-step")[-1] == ("COMMITTED", "only")
+
+
+@both_modes
+async def test_ancestors_with_nothing_left_commit_in_the_leafs_transaction(
+    make_coop: Callable[..., Cooperation], listen: bool
+) -> None:
+    """A chain whose every saga ends by launching: the leaf's commit finishes them all."""
+    sagas = []
+    for level in range(3):
+        saga = Saga(f"level-{level}")
+
+        @saga.step("launch")
+        async def launch(scope: Scope, message: Message[Any], level: int = level) -> None:
+            if level < 2:
+                await scope.launch(f"level-{level + 1}", {})
+
+        sagas.append((f"level-{level}", saga))
+
+    async with make_coop(listen=listen) as coop:
+        for topic, saga in sagas:
+            coop.subscribe(topic, saga)
+        handle = await coop.launch("level-0", {})
+        assert (await handle.wait(timeout=WAIT)).status == "committed"
+        events = await coop.events(handle.id)
+
+    commits = [e for e in events if e.type == "COMMITTED"]
+    # Children first, then each parent: written one after the other by the leaf's worker,
+    # in the leaf's transaction (nothing else ran in between).
+    assert [e.saga for e in commits] == ["level-2", "level-1", "level-0"]
+    assert [e.seq for e in commits] == [commits[0].seq, commits[0].seq + 1, commits[0].seq + 2]
+    assert len({e.worker for e in commits}) == 1

@@ -6,7 +6,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from ..failure import (
 from ..message import Message, Topic
 from ..saga import Saga
 from ..scope import Scope, _current
-from ..strategy import EventLoopStrategy, RunView
+from ..strategy import DEFAULT_STRATEGY, EventLoopStrategy, RunView
 from .machine import (
     USER_CODE,
     Again,
@@ -94,8 +94,6 @@ class Binding:
 
     @property
     def strategy(self) -> EventLoopStrategy:
-        from ..strategy import DEFAULT_STRATEGY
-
         return self.saga.strategy or DEFAULT_STRATEGY
 
     def topic(self, name: str) -> Topic[Any]:
@@ -111,8 +109,31 @@ class Advanced:
     events: list[EventRow] = field(default_factory=list)
     wake_in: float | None = None  # seconds until the run is due again, if it waits for a time
     touched: bool = False  # user code used the connection (it may have changed session state)
-    more: bool = False  # other runs of the saga were ready when this one was claimed
+    ready: int = 0  # runs of the saga ready when this one was claimed (held ones included)
     again: bool = False  # this run is ready for its next step right away
+    lineage: list[uuid.UUID] = field(default_factory=list)
+    settled: Advanced | None = None  # the parent this transaction also finished (see settle)
+
+    def chain(self) -> list[Advanced]:
+        """This run's result and those of the ancestors settled in the same transaction."""
+        found: list[Advanced] = []
+        node: Advanced | None = self
+        while node is not None:
+            found.append(node)
+            node = node.settled
+        return found
+
+
+# How many ancestors one transaction may finish on top of its own run.
+SETTLE_DEPTH = 16
+
+
+def _raw_failure(failure: CooperationFailure | None) -> msgspec.Raw | None:
+    return None if failure is None else msgspec.Raw(failure.to_json())
+
+
+def _raw(data: bytes | None) -> msgspec.Raw | None:
+    return None if data is None else msgspec.Raw(data)
 
 
 def _json(failure: CooperationFailure | None) -> str | None:
@@ -135,14 +156,20 @@ class Runner:
         max_depth: int,
         on_committed: Callable[[Advanced], None],
         max_recursion: int = 16,
+        bindings: dict[str, Binding] | None = None,
     ) -> None:
         self.store = store
         self.worker = worker
         self.listen = listen
         self.max_depth = max_depth
         self.max_recursion = max_recursion
+        self.bindings = bindings if bindings is not None else {}
         self.on_committed = on_committed
         self._strikes: dict[uuid.UUID, int] = {}
+        # Bound once: binding per step was a measurable cost. (Configure structlog before
+        # starting the Cooperation, as the CLI does.)
+        self.log = log.bind()
+        self.log_enabled = getattr(self.log, "is_enabled_for", None)
 
     async def claim(self, conn: Connection, binding: Binding) -> Lease | None:
         """Open a transaction on `conn` and lock one ready run of the saga in it.
@@ -154,7 +181,8 @@ class Runner:
         tx = conn.transaction()
         await tx.start()
         try:
-            claimed = await self.store.claim(conn, binding.saga.name)
+            # Counting past `instances` would not change what the worker does next.
+            claimed = await self.store.claim(conn, binding.saga.name, binding.saga.instances + 1)
         except BaseException:
             await _rollback(tx, conn)
             raise
@@ -196,8 +224,10 @@ class Runner:
                 )
             raise
         self._strikes.pop(claimed.id, None)
-        self.on_committed(advanced)
-        _log_events(advanced.events, self.worker)
+        for done in advanced.chain():
+            self.on_committed(done)
+            if done.events:
+                _log_events(self.log, self.log_enabled, done.events, self.worker, done.lineage)
         return advanced
 
     async def run_next(self, conn: Connection, binding: Binding) -> Advanced | None:
@@ -260,6 +290,7 @@ class _Advance:
         binding: Binding,
         claimed: Claimed,
         injected: BaseException | None = None,
+        settling: int = 0,
     ):
         self.runner = runner
         self.store = runner.store
@@ -286,6 +317,7 @@ class _Advance:
         self.result: str | None = None
         self.touched = False
         self.injected = injected  # a failure recorded before a redo, replayed as the user code
+        self.settling = settling  # how many descendants' transaction this is
         self.state = _state_decoder.decode(claimed.state)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -311,7 +343,6 @@ class _Advance:
             EventRow(
                 root_id=self.run.root_id,
                 type=spec.type,
-                lineage=self.run.lineage,
                 message_id=self.run.message_id,
                 run_id=self.run.id,
                 saga=self.saga.name,
@@ -321,23 +352,28 @@ class _Advance:
                 instance=spec.instance,
                 iteration=spec.iteration,
                 handler_iteration=spec.handler_iteration,
-                failure=_json(spec.failure),
-                context=_text(self.context.encode()),
+                failure=_raw_failure(spec.failure),
+                context=_raw(self.context.encode()),
             )
         )
 
-    def wake(self, state: RunState, **changes: Any) -> Wake:
+    def wake(
+        self,
+        state: RunState,
+        child_failures: tuple[ChildOutcome, ...] = (),
+        history: tuple[Instance, ...] | None = None,
+    ) -> Wake:
         """The facts to resume with; every decision about time is the strategy's."""
         view = self.view(state)
-        return replace(
-            Wake(
-                now=view.now,
-                pending=self.pending,
-                give_up=self.strategy.give_up(view),
-                resume_at=self.strategy.resume_at(view),
-                detach=self.pending > 0 and self.strategy.detach_unstarted(view),
-            ),
-            **changes,
+        strategy = self.strategy
+        return Wake(
+            now=view.now,
+            pending=self.pending,
+            child_failures=child_failures,
+            history=history,
+            give_up=strategy.give_up(view),
+            resume_at=strategy.resume_at(view),
+            detach=self.pending > 0 and strategy.detach_unstarted(view),
         )
 
     def topic(self) -> Topic[Any]:
@@ -550,13 +586,14 @@ class _Advance:
                 EventRow(
                     root_id=launch.root_id,
                     type=EventType.EMITTED,
-                    lineage=self.run.lineage if launch.scoped else [launch.root_id],
                     message_id=launch.id,
                     run_id=self.run.id if launch.scoped else None,
                     saga=self.saga.name if launch.scoped else None,
                     step=scope.step if launch.scoped else None,
                     instance=launch.instance,
-                    context=launch.context,
+                    context=None
+                    if launch.context is None
+                    else msgspec.Raw(launch.context.encode()),
                 )
             )
 
@@ -651,14 +688,13 @@ class _Advance:
                 EventRow(
                     root_id=self.run.root_id,
                     type=EventType.ROLLBACK_EMITTED,
-                    lineage=self.run.lineage,
                     message_id=message_id,
                     run_id=self.run.id,
                     saga=self.saga.name,
                     step=step_name,
                     instance=act.seq,
-                    failure=_json(said_so),
-                    context=context,
+                    failure=_raw_failure(said_so),
+                    context=None if context is None else msgspec.Raw(context.encode()),
                 )
             )
         for saga in sagas:
@@ -724,8 +760,11 @@ class _Advance:
             if not self.touched:
                 raise
             raise _Redo(exc) from exc  # user code swallowed an SQL error
+        settled = None
         if parent_saga is not None and parent_pending == 0:
-            self.ready_sagas.add(parent_saga)
+            settled = await self.settle_parent(parent_saga)
+            if settled is None:
+                self.ready_sagas.add(parent_saga)
         timed = None if terminal else (ready_at if ready_at is not None else deadline)
         wake_in = None
         if timed is not None and timed > view.now:
@@ -738,17 +777,45 @@ class _Advance:
             events=self.events,
             wake_in=wake_in,
             touched=self.touched,
-            more=self.run.more,
+            ready=self.run.ready,
             again=not terminal and ready_at is not None and wake_in is None,
+            lineage=self.run.lineage,
+            settled=settled,
         )
+
+    async def settle_parent(self, saga: str) -> Advanced | None:
+        """Finish the parent this transaction just made ready, if that is bookkeeping only.
+
+        The usual end of a saga — every step done, the last step's children now finished —
+        needs no user code: its COMMITTED is written here, in the child's transaction,
+        instead of in a transaction of its own (and so on up the tree). Anything else (a
+        next step, failed children, a deadline) is left to a worker as usual.
+        """
+        binding = self.runner.bindings.get(saga)
+        if binding is None or self.settling >= SETTLE_DEPTH or self.run.parent_id is None:
+            return None
+        # This transaction updated the parent row: the lock is ours already.
+        parent = await self.store.reclaim(self.conn, self.run.parent_id)
+        if parent is None or parent.pending or parent.failed or parent.rollback_request:
+            return None
+        sub = _Advance(self.runner, self.conn, binding, parent, settling=self.settling + 1)
+        decision = sub.machine.resume(sub.state, sub.wake(sub.state)).action
+        if not (isinstance(decision, Finish) and decision.status == "committed"):
+            return None
+        return await sub.advance()
 
 
 _LOUD = {EventType.ROLLING_BACK, EventType.ROLLBACK_FAILED, EventType.ATTEMPT_FAILED}
 _INFO = {EventType.COMMITTED, EventType.ROLLED_BACK, EventType.CANCELLATION_REQUESTED}
 
 
-def _log_events(events: list[EventRow], worker: str) -> None:
-    enabled = getattr(log.bind(), "is_enabled_for", None)
+def _log_events(
+    logger: Any,
+    enabled: Callable[[int], bool] | None,
+    events: list[EventRow],
+    worker: str,
+    lineage: list[uuid.UUID],
+) -> None:
     for event in events:
         level = (
             logging.WARNING
@@ -765,12 +832,13 @@ def _log_events(events: list[EventRow], worker: str) -> None:
             "run_id": str(event.run_id) if event.run_id else None,
             "root_id": str(event.root_id),
             "message_id": str(event.message_id) if event.message_id else None,
-            "lineage": [str(item) for item in event.lineage],
+            "lineage": [str(item) for item in (lineage if event.run_id else [event.root_id])],
             "worker": worker,
         }
         if event.type in _LOUD:
-            log.warning(event.type, failure=event.failure, **fields)
+            failure = None if event.failure is None else bytes(event.failure).decode()
+            logger.warning(event.type, failure=failure, **fields)
         elif event.type in _INFO:
-            log.info(event.type, **fields)
+            logger.info(event.type, **fields)
         else:
-            log.debug(event.type, **fields)
+            logger.debug(event.type, **fields)

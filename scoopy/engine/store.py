@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
+import msgspec
 
 from ..errors import check_schema
 
@@ -39,11 +40,11 @@ class NewMessage:
         return self.instance is not None
 
 
-@dataclass(slots=True)
-class EventRow:
+class EventRow(msgspec.Struct, array_like=True, kw_only=True):
+    """One event to append; sent to the database as a JSON array (field order matters)."""
+
     root_id: uuid.UUID
     type: str
-    lineage: Sequence[uuid.UUID]
     message_id: uuid.UUID | None = None
     run_id: uuid.UUID | None = None
     saga: str | None = None
@@ -53,8 +54,11 @@ class EventRow:
     instance: int | None = None
     iteration: int | None = None
     handler_iteration: int | None = None
-    failure: str | None = None
-    context: str | None = None
+    failure: msgspec.Raw | None = None
+    context: msgspec.Raw | None = None
+
+
+_events = msgspec.json.Encoder()
 
 
 @dataclass(slots=True)
@@ -104,7 +108,7 @@ class Claimed:
     payload: str
     cancellation: str | None
     now: datetime
-    more: bool  # other runs of this saga were ready too (some perhaps held by other workers)
+    ready: int  # runs of this saga ready when claimed, this one and those held included (capped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,9 +192,10 @@ class Store:
                      WHERE c.target = ANY (r.lineage)
                      ORDER BY c.created_at LIMIT 1) AS cancellation,
                    clock_timestamp() AS now,
-                   EXISTS (SELECT 1 FROM {q}.run x
-                            WHERE x.saga = r.saga AND x.ready_at <= clock_timestamp()
-                              AND x.id <> r.id) AS more
+                   (SELECT count(*) FROM (SELECT 1 FROM {q}.run x
+                                           WHERE x.saga = r.saga
+                                             AND x.ready_at <= clock_timestamp()
+                                           LIMIT $2) AS x) AS ready
               FROM r JOIN {q}.message m ON m.id = r.message_id"""
 
         self.sql_claim = claim(
@@ -231,29 +236,25 @@ class Store:
 
         self.sql_finish = f"""
             WITH ev AS (
-                INSERT INTO {q}.event (root_id, message_id, run_id, type, saga, step, phase,
+                -- One JSON array per event (EventRow's field order); the run's own events
+                -- carry its lineage, a launch outside the hierarchy starts one of its own.
+                INSERT INTO {q}.event (root_id, type, message_id, run_id, saga, step, phase,
                                        step_index, instance, iteration, handler_iteration,
-                                       lineage, worker, failure, context)
-                SELECT e.root_id, e.message_id, e.run_id, e.type, e.saga, e.step, e.phase,
-                       e.step_index, e.instance, e.iteration, e.handler_iteration,
-                       -- the run's own events carry its lineage; a launch outside the
-                       -- hierarchy (no run) starts a lineage of its own
-                       CASE WHEN e.run_id IS NULL THEN ARRAY[e.root_id] ELSE $29::uuid[] END,
-                       $17, e.failure, e.context
-                  FROM unnest($18::uuid[], $19::uuid[], $20::uuid[], $21::text[], $22::text[],
-                              $23::text[], $24::text[], $25::int[], $26::int[], $27::int[],
-                              $28::int[], $30::jsonb[], $31::jsonb[])
-                       WITH ORDINALITY AS e(root_id, message_id, run_id, type, saga, step, phase,
-                                            step_index, instance, iteration, handler_iteration,
-                                            failure, context, ord)
-                 ORDER BY e.ord
+                                       failure, context, lineage, worker)
+                SELECT (e->>0)::uuid, e->>1, (e->>2)::uuid, (e->>3)::uuid, e->>4, e->>5, e->>6,
+                       (e->>7)::int, (e->>8)::int, (e->>9)::int, (e->>10)::int,
+                       NULLIF(e->11, 'null'), NULLIF(e->12, 'null'),
+                       CASE WHEN e->>3 IS NULL THEN ARRAY[(e->>0)::uuid] ELSE $19::uuid[] END,
+                       $17
+                  FROM jsonb_array_elements($18::jsonb) WITH ORDINALITY AS x(e, ord)
+                 ORDER BY x.ord
                 RETURNING 1
             ), up AS (
                 UPDATE {q}.run
                    SET status = $2, state = $3::jsonb, pending = $4,
                        failed = CASE WHEN $5 THEN 0 ELSE failed END,
                        ready_at = CASE
-                           WHEN $35 AND $6 > clock_timestamp() AND EXISTS (
+                           WHEN $23 AND $6 > clock_timestamp() AND EXISTS (
                                SELECT 1 FROM {q}.cancellation c WHERE c.target = ANY (lineage))
                            THEN clock_timestamp() ELSE $6 END,
                        resume_at = $7, deadline_at = $8, context = $9::jsonb,
@@ -274,10 +275,10 @@ class Store:
                  WHERE p.id = $14 AND $16
                 RETURNING p.saga, p.pending
             ), nt AS (
-                SELECT pg_notify($32, n)
-                  FROM (SELECT unnest($33::text[]) AS n
+                SELECT pg_notify($20, n)
+                  FROM (SELECT unnest($21::text[]) AS n
                         UNION ALL
-                        SELECT 'r:' || saga FROM parent WHERE pending = 0 AND $34) AS q
+                        SELECT 'r:' || saga FROM parent WHERE pending = 0 AND $22) AS q
             )
             SELECT (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM up) AS updated,
                    (SELECT count(*) FROM nt) AS notified,
@@ -601,15 +602,16 @@ class Store:
 
     # -- claiming and running --------------------------------------------------------------
 
-    async def claim(self, conn: Connection, saga: str) -> Claimed | None:
-        row = await conn.fetchrow(self.sql_claim, saga)
+    async def claim(self, conn: Connection, saga: str, count_up_to: int) -> Claimed | None:
+        """Lock the oldest ready run of `saga`; also count ready runs, up to `count_up_to`."""
+        row = await conn.fetchrow(self.sql_claim, saga, count_up_to)
         if row is None:
             return None
         return Claimed(*row)
 
     async def reclaim(self, conn: Connection, run_id: uuid.UUID) -> Claimed | None:
         """Lock one run by id, waiting for whoever holds it."""
-        row = await conn.fetchrow(self.sql_reclaim, run_id)
+        row = await conn.fetchrow(self.sql_reclaim, run_id, 1)
         return None if row is None else Claimed(*row)
 
     async def emit(
@@ -663,20 +665,8 @@ class Store:
             write.parent_failed,
             write.notify_parent,
             worker,
-            [e.root_id for e in ev],
-            [e.message_id for e in ev],
-            [e.run_id for e in ev],
-            [e.type for e in ev],
-            [e.saga for e in ev],
-            [e.step for e in ev],
-            [e.phase for e in ev],
-            [e.step_index for e in ev],
-            [e.instance for e in ev],
-            [e.iteration for e in ev],
-            [e.handler_iteration for e in ev],
+            _events.encode(ev).decode(),
             write.lineage,
-            [e.failure for e in ev],
-            [e.context for e in ev],
             self.channel,
             write.notify if listen else [],
             listen,

@@ -271,8 +271,8 @@ class Worker:
                 conn, lease = claimed
                 self._enter(slots)
                 self._tg.start_soon(self._execute, slots, conn, lease)
-                if not lease.claimed.more:
-                    break  # nothing else was ready: spare the empty claim
+                if lease.claimed.ready <= slots.active:
+                    break  # every ready run is being taken care of: spare an empty claim
 
     async def _claim(self, slots: _Slots) -> tuple[Pooled, Lease] | None:
         conn = await self.pool.acquire()
@@ -295,7 +295,7 @@ class Worker:
         try:
             while lease is not None:
                 advanced = await self.runner.advance(conn, slots.binding, lease)
-                if self.stopping or not (advanced.again or advanced.more):
+                if self.stopping or not (advanced.again or advanced.ready > slots.active):
                     break
                 if advanced.touched:
                     await self._release(conn, dirty=True)
