@@ -157,3 +157,51 @@ async def test_failure_of_a_child_reaches_the_parent_as_a_distributed_exception(
     assert "Child failure occurred while suspended in step [First parent step]" in rendered
     assert "My exception message" in rendered
     assert "child_first" in rendered
+
+
+@both_modes
+async def test_steps_can_nest_their_own_transaction_blocks(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+    listen: bool,
+) -> None:
+    """Business code that uses `connection.transaction()` gets savepoints in the step's."""
+    await db.execute("CREATE TABLE note (text text)")
+    saga = Saga("nesting")
+
+    @saga.step()
+    async def write(scope: Scope, message: Message[Any]) -> None:
+        table = f'"{scope_schema}".note'
+        async with scope.connection.transaction():
+            await scope.connection.execute(f"INSERT INTO {table} VALUES ('kept')")
+        with contextlib.suppress(Boom):
+            async with scope.connection.transaction():
+                await scope.connection.execute(f"INSERT INTO {table} VALUES ('undone')")
+                raise Boom("inner block fails")
+
+    async with make_coop(listen=listen) as coop:
+        scope_schema = coop.schema
+        coop.subscribe("nesting", saga)
+        assert (await (await coop.launch("nesting", {})).wait(timeout=WAIT)).status == "committed"
+
+    assert [r["text"] for r in await db.fetch("SELECT text FROM note")] == ["kept"]
+
+
+async def test_session_state_a_step_sets_does_not_leak(
+    make_coop: Callable[..., Cooperation],
+) -> None:
+    """A connection a step used is reset before scoopy (or another step) reuses it."""
+    seen: list[str] = []
+    saga = Saga("session", instances=1)
+
+    @saga.step()
+    async def look(scope: Scope, message: Message[Any]) -> None:
+        seen.append(await scope.connection.fetchval("SHOW application_name"))
+        await scope.connection.execute("SET application_name = 'changed by a step'")
+
+    async with make_coop(pool_size=2) as coop:
+        coop.subscribe("session", saga)
+        for _ in range(4):
+            await (await coop.launch("session", {})).wait(timeout=WAIT)
+
+    assert seen == ["scoopy"] * 4

@@ -4,7 +4,9 @@ Three kinds of tasks share it:
 - a LISTEN connection: a notification wakes a saga the moment one of its runs is ready;
 - a poll loop: the safety net (lost notifications, poll-only mode) and the timer that
   sleeps until the earliest `ready_at` (durable sleep, deadlines, retries);
-- per saga, up to `instances` step slots, each claiming and running one run at a time.
+- per saga, a claimer that, when woken, claims ready runs and hands each (its transaction
+  open, its row locked) to an executor task; at most `instances` executors run at once,
+  and an executor keeps claiming on its own connection while more runs are ready.
 Correctness never depends on notifications: the poll alone finds every ready run.
 """
 
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class _Slots:
+    """A served saga: its claimer's wake-up and how many executors are running."""
+
     binding: Binding
     wake: anyio.Event = field(default_factory=anyio.Event)
     active: int = 0
@@ -76,7 +80,6 @@ class Worker:
         self._busy = 0
         self._timer: float | None = None  # monotonic time of the earliest known due run
         self._poll_now = True
-        self.listening = anyio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -87,8 +90,6 @@ class Worker:
             self._tg = tg
             if self.listen:
                 await tg.start(self._listen_loop)
-            else:
-                self.listening.set()
             tg.start_soon(self._poll_loop)
             for slots in self.slots.values():
                 self._start_saga(slots)
@@ -142,10 +143,6 @@ class Worker:
         for slots in self.slots.values():
             slots.wake.set()
 
-    def has_capacity(self, saga: str) -> bool:
-        slots = self.slots.get(saga)
-        return slots is not None and slots.active < slots.binding.saga.instances
-
     def _on_notify(self, _conn: Any, pid: int, _channel: str, payload: object) -> None:
         # Only flag work here: the database is never touched from a notification callback.
         if not isinstance(payload, str) or pid in self.own_backends:
@@ -181,7 +178,6 @@ class Worker:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(self.store.channel, self._on_notify)
                 delay = 0.1
-                self.listening.set()
                 if not started:
                     started = True
                     task_status.started()
