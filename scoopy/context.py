@@ -7,7 +7,7 @@ from typing import Any, Generic, TypeVar, overload
 
 import msgspec
 
-from .errors import PayloadError, check_name
+from .errors import PayloadError, check_name, check_storable
 
 T = TypeVar("T")
 
@@ -54,11 +54,12 @@ _json = msgspec.json.Encoder(order="sorted")
 
 def _encode_value(name: str, value: Any) -> bytes:
     try:
-        return _json.encode(value)
+        encoded = _json.encode(value)
     except (TypeError, msgspec.EncodeError) as exc:
         raise PayloadError(
             f"context value for key {name!r} is not JSON-serialisable: {exc}"
         ) from exc
+    return check_storable(encoded, f"context value for key {name!r}")
 
 
 class CooperationContext:

@@ -191,6 +191,7 @@ class Cooperation:
         self.bindings: dict[str, Binding] = {}
         self._unsynced: list[tuple[Literal["+", "-"], str, str]] = []
         self._sync_lock = anyio.Lock()
+        self._sync_wanted: anyio.Event | None = None
         self._waiters: dict[uuid.UUID, set[anyio.Event]] = {}
         self._launched: weakref.WeakValueDictionary[uuid.UUID, RunHandle] = (
             weakref.WeakValueDictionary()
@@ -236,6 +237,10 @@ class Cooperation:
             if self.run_worker and periodic.PERIODIC not in self.bindings:
                 self.subscribe(periodic.SCHEDULES, periodic.build())
             await self._sync_subscriptions()
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            self._sync_wanted = anyio.Event()
+            tg.start_soon(self._syncer)
             if self.run_worker:
                 runner = Runner(
                     self.store,
@@ -259,7 +264,6 @@ class Cooperation:
                 )
                 for binding in self.bindings.values():
                     self._worker.serve(binding)
-                tg = await stack.enter_async_context(anyio.create_task_group())
                 await tg.start(self._worker.run)
                 stack.push_async_callback(self._stop_worker)
         except BaseException:
@@ -343,6 +347,8 @@ class Cooperation:
             )
         binding.topics[resolved.name] = resolved
         self._unsynced.append(("+", resolved.name, saga.name))
+        if self._sync_wanted is not None:
+            self._sync_wanted.set()
         if self._worker is not None:
             self._worker.serve(binding)
 
@@ -351,33 +357,52 @@ class Cooperation:
 
         New messages no longer start it. Its runs on that topic that have not started are
         skipped (their parents stop waiting for them); runs already started finish as long
-        as some worker still serves the saga. Takes effect at the next launch or
-        `await coop.sync()`.
+        as some worker still serves the saga. Written in the background at once;
+        `await coop.sync()` waits until it is.
         """
         name = as_topic(topic).name
         binding = self.bindings.get(saga.name)
         if binding is not None:
             binding.topics.pop(name, None)
         self._unsynced.append(("-", name, saga.name))
+        if self._sync_wanted is not None:
+            self._sync_wanted.set()
 
     async def _sync_subscriptions(self) -> None:
-        if not self._unsynced:
-            return
+        if not self._unsynced and not self._sync_lock.locked():
+            return  # (a sync in flight may still be writing what a launch must see)
         async with self._sync_lock:
             changes, self._unsynced = self._unsynced, []
             if not changes:
                 return
             ready: list[str] = []
-            async with self.pool.acquire() as conn, conn.transaction():
-                for sign, topic, saga in changes:
-                    if sign == "+":
-                        await self.store.subscribe(conn, [(topic, saga)])
-                    else:
-                        _, woken = await self.store.unsubscribe(conn, topic, saga, self.listen)
-                        ready += woken
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    for sign, topic, saga in changes:
+                        if sign == "+":
+                            await self.store.subscribe(conn, [(topic, saga)])
+                        else:
+                            _, woken = await self.store.unsubscribe(conn, topic, saga, self.listen)
+                            ready += woken
+            except BaseException:
+                self._unsynced[:0] = changes  # not written: the next sync tries again
+                raise
             for saga in ready:
                 self._wake(saga)
             self._root_done(None)  # skipped root runs may have finished a hierarchy
+
+    async def _syncer(self) -> None:
+        """Write subscription changes made after start in the background, right away."""
+        assert self._sync_wanted is not None
+        while True:
+            await self._sync_wanted.wait()
+            self._sync_wanted = anyio.Event()
+            try:
+                await self._sync_subscriptions()
+            except Exception as exc:
+                log.warning("could not write subscriptions; retrying", error=repr(exc))
+                await anyio.sleep(1.0)
+                self._sync_wanted.set()
 
     async def sync(self) -> None:
         """Write pending subscribe/unsubscribe calls to the registry now."""

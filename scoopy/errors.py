@@ -73,3 +73,16 @@ def check_schema(name: object) -> str:
             "not starting with a digit"
         )
     return name
+
+
+# A JSON "\u0000" escape that is not itself an escaped backslash followed by "u0000".
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def check_storable(data: bytes, what: str) -> bytes:
+    """Return JSON `data` unless it holds a NUL character, which PostgreSQL cannot store."""
+    if b"\\u0000" in data and _NUL_ESCAPE.search(data):
+        raise PayloadError(
+            f"{what} contains a NUL character (\\x00), which PostgreSQL cannot store"
+        )
+    return data

@@ -120,7 +120,8 @@ def failure_from_exception(exc: BaseException, source: str) -> CooperationFailur
         causes.append(failure_from_exception(inner, source))
     if isinstance(exc, BaseExceptionGroup):
         causes.extend(failure_from_exception(e, source) for e in exc.exceptions)
-    message = str(exc) or NO_MESSAGE
+    # PostgreSQL cannot store NUL; a failure must never be unrecordable.
+    message = str(exc).replace("\x00", "\\x00") or NO_MESSAGE
     return CooperationFailure(
         type=type_name(type(exc)),
         message=message,

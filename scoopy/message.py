@@ -8,7 +8,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from .errors import PayloadError, check_name
+from .errors import PayloadError, check_name, check_storable
 
 P = TypeVar("P")
 
@@ -65,9 +65,10 @@ def _encode(value: Any, kind: Any, what: str) -> bytes:
             expected = getattr(kind, "__name__", repr(kind))
             raise PayloadError(f"{what} is not a valid {expected}: {exc}") from exc
     try:
-        return _json.encode(value)
+        encoded = _json.encode(value)
     except (TypeError, msgspec.EncodeError) as exc:
         raise PayloadError(f"{what} is not JSON-serialisable: {exc}") from exc
+    return check_storable(encoded, what)
 
 
 def _decode(data: bytes | str, kind: Any, what: str) -> Any:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import pytest
 
 from scoopy import ChildRolledBack, Cooperation, Message, Saga, Scope
 
@@ -205,3 +206,87 @@ async def test_session_state_a_step_sets_does_not_leak(
             await (await coop.launch("session", {})).wait(timeout=WAIT)
 
     assert seen == ["scoopy"] * 4
+
+
+@both_modes
+async def test_a_constraint_broken_at_commit_fails_the_step(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+    listen: bool,
+) -> None:
+    """A deferred constraint fails only at COMMIT, after the step returned: the step counts as
+    failed (once, not retried forever) and the run rolls back with that error."""
+    await db.execute(
+        "CREATE TABLE seat (no int, CONSTRAINT one_per_seat UNIQUE (no) "
+        "DEFERRABLE INITIALLY DEFERRED)"
+    )
+    ran: list[str] = []
+    saga = Saga("booker")
+
+    @saga.step()
+    async def book(scope: Scope, message: Message[Any]) -> None:
+        ran.append("book")
+        await scope.connection.execute(
+            f'INSERT INTO "{scope_schema}".seat VALUES (1), (1)'  # fine until COMMIT
+        )
+
+    async with make_coop(listen=listen) as coop:
+        scope_schema = coop.schema
+        coop.subscribe("bookings", saga)
+        outcome = await (await coop.launch("bookings", {})).wait(timeout=WAIT)
+
+    assert outcome.status == "rolled_back"
+    assert outcome.failure is not None and "UniqueViolation" in outcome.failure.type
+    assert ran == ["book"]
+    assert await db.fetchval("SELECT count(*) FROM seat") == 0
+
+
+async def test_an_error_message_with_a_nul_character_is_still_recorded(
+    make_coop: Callable[..., Cooperation],
+) -> None:
+    """PostgreSQL cannot store NUL in JSON; the failure is recorded with it escaped."""
+    saga = Saga("nul")
+
+    @saga.step()
+    async def step(scope: Scope, message: Message[Any]) -> None:
+        raise Boom("bad\x00byte")
+
+    async with make_coop() as coop:
+        coop.subscribe("nul", saga)
+        outcome = await (await coop.launch("nul", {})).wait(timeout=WAIT)
+
+    assert outcome.status == "rolled_back"
+    assert outcome.failure is not None and outcome.failure.message == "bad\\x00byte"
+
+
+@both_modes
+@pytest.mark.parametrize("touched", [False, True], ids=["untouched", "touched"])
+async def test_a_failing_step_context_changes_reach_its_rollback_either_way(
+    make_coop: Callable[..., Cooperation], listen: bool, touched: bool
+) -> None:
+    """What a failing step set in the context is seen by the compensations, whether or not the
+    step wrote through its connection (which makes the transaction redo without it)."""
+    seen: list[Any] = []
+    saga = Saga("marker")
+
+    @saga.step()
+    async def first(scope: Scope, message: Message[Any]) -> None:
+        pass
+
+    @first.rollback
+    async def undo_first(scope: Scope, message: Message[Any], failure: BaseException) -> None:
+        seen.append(scope.context.get("marker"))
+
+    @saga.step()
+    async def second(scope: Scope, message: Message[Any]) -> None:
+        scope.context["marker"] = "set by the failing step"
+        if touched:
+            await scope.connection.execute("SELECT 1")
+        raise Boom("no")
+
+    async with make_coop(listen=listen) as coop:
+        coop.subscribe("marks", saga)
+        outcome = await (await coop.launch("marks", {})).wait(timeout=WAIT)
+
+    assert outcome.status == "rolled_back"
+    assert seen == ["set by the failing step"]

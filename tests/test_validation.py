@@ -55,6 +55,22 @@ async def test_payload_that_is_not_json_is_refused(
         assert await count_messages(db) == 0
 
 
+async def test_a_nul_character_is_refused_in_payloads_and_context(
+    make_coop: Callable[..., Cooperation], db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """PostgreSQL cannot store NUL in JSON: refused up front, naming where it was."""
+    async with make_coop() as coop:
+        coop.subscribe("orders", noop_saga())
+        with pytest.raises(PayloadError, match=r"payload for topic 'orders' contains a NUL"):
+            await coop.launch("orders", {"note": "a\x00b"})
+        with pytest.raises(PayloadError, match=r"context value for key 'note' contains a NUL"):
+            await coop.launch("orders", {}, context={"note": "\x00"})
+        # An escaped backslash followed by "u0000" is ordinary text.
+        ok = await (await coop.launch("orders", {"note": "\\u0000"})).wait(timeout=WAIT)
+        assert ok.status == "committed"
+        assert await count_messages(db) == 1
+
+
 async def test_typed_topic_refuses_a_payload_that_does_not_validate(
     make_coop: Callable[..., Cooperation], db: asyncpg.Connection[asyncpg.Record]
 ) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import asyncpg
 
-from scoopy import Cooperation
+from scoopy import Cooperation, Message, Saga, Scope
 
-from .helpers import WAIT, WorkerProcess
+from .helpers import WAIT, WorkerProcess, eventually
 
 APP = "tests.apps.workers:setup"
 
@@ -79,3 +80,55 @@ async def test_a_worker_killed_mid_step_loses_nothing(
         ("SUSPENDED", "second"),
         ("COMMITTED", "second"),
     ]
+
+
+async def test_a_subscription_made_after_start_reaches_other_processes(
+    make_coop: Callable[..., Cooperation], db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """A worker that subscribes after it started (and never launches) is in the registry
+    at once, so another service's launch starts its saga instead of finding no listener."""
+    ran: list[str] = []
+    saga = Saga("late-joiner")
+
+    @saga.step()
+    async def handle(scope: Scope, message: Message[Any]) -> None:
+        ran.append(message.payload["n"])
+
+    async with make_coop() as worker, make_coop(worker=False) as client:
+        worker.subscribe("joins", saga)
+
+        async def registered() -> bool:
+            return bool(
+                await db.fetchval("SELECT count(*) FROM subscription WHERE topic = 'joins'")
+            )
+
+        await eventually(registered)
+        outcome = await (await client.launch("joins", {"n": 1})).wait(timeout=WAIT)
+
+    assert outcome.status == "committed"
+    assert ran == [1]
+
+
+async def test_a_run_that_becomes_ready_while_every_slot_is_busy_starts_when_one_frees(
+    make_coop: Callable[..., Cooperation],
+) -> None:
+    """With `instances=1`, a run launched during another's step is claimed as soon as that
+    step ends — not at the next poll (set far beyond the test's timeout)."""
+    started = anyio.Event()
+    release = anyio.Event()
+    saga = Saga("single", instances=1)
+
+    @saga.step()
+    async def work(scope: Scope, message: Message[Any]) -> None:
+        if message.payload == "first":
+            started.set()
+            await release.wait()
+
+    async with make_coop(poll_interval=3 * WAIT) as coop:
+        coop.subscribe("jobs", saga)
+        first = await coop.launch("jobs", "first")
+        await started.wait()
+        second = await coop.launch("jobs", "second")  # its wake-up arrives while full
+        release.set()
+        assert (await first.wait(timeout=WAIT)).status == "committed"
+        assert (await second.wait(timeout=WAIT)).status == "committed"

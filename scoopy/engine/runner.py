@@ -201,9 +201,15 @@ class Runner:
                 except BaseException:
                     await _rollback(lease.tx, conn)
                     raise
-                await lease.tx.commit()
+                try:
+                    await lease.tx.commit()
+                except asyncpg.PostgresError as exc:
+                    # A deferred constraint the step's own writes broke: the step failed.
+                    if isinstance(exc, DB_TRANSIENT) or not advanced.touched:
+                        raise
+                    raise _Redo(exc) from exc
             except _Redo as redo:
-                redone = await self._redo(conn, binding, claimed, redo.error)
+                redone = await self._redo(conn, binding, claimed, redo.error, redo.context)
                 advanced = Advanced() if redone is None else redone
                 advanced.touched = True  # the failed attempt used the connection
         except TRANSIENT:
@@ -236,7 +242,12 @@ class Runner:
         return None if lease is None else await self.advance(conn, binding, lease)
 
     async def _redo(
-        self, conn: Connection, binding: Binding, claimed: Claimed, error: BaseException
+        self,
+        conn: Connection,
+        binding: Binding,
+        claimed: Claimed,
+        error: BaseException,
+        context: CooperationContext | None,
     ) -> Advanced | None:
         """Redo a transaction whose user code failed after writing, without that code.
 
@@ -252,7 +263,8 @@ class Runner:
                 claimed.rollback_request,
             ):
                 return None
-            return await _Advance(self, conn, binding, again, injected=error).advance()
+            redo = _Advance(self, conn, binding, again, injected=(error, context))
+            return await redo.advance()
 
 
 async def _rollback(tx: Transaction, conn: Connection) -> None:
@@ -275,9 +287,10 @@ class _Redo(Exception):
     """User code failed after writing through the step's connection: the whole transaction
     must be rolled back and the run advanced again with this failure."""
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, context: CooperationContext | None = None) -> None:
         super().__init__(repr(error))
         self.error = error
+        self.context = context
 
 
 class _Advance:
@@ -289,7 +302,7 @@ class _Advance:
         conn: Connection,
         binding: Binding,
         claimed: Claimed,
-        injected: BaseException | None = None,
+        injected: tuple[BaseException, CooperationContext | None] | None = None,
         settling: int = 0,
     ):
         self.runner = runner
@@ -418,7 +431,7 @@ class _Advance:
         transition = self.machine.resume(state, self.wake(state, child_failures=failures))
         ran_user_code = False
         while True:
-            state = transition.state
+            state = self.state = transition.state  # give_up_if_needed judges the current path
             for spec in transition.events:
                 self.add(spec)
             action = transition.action
@@ -544,7 +557,9 @@ class _Advance:
         transaction, so the overrunning work is discarded rather than committed.
         """
         if self.injected is not None:
-            error, self.injected = self.injected, None
+            (error, context), self.injected = self.injected, None
+            if context is not None:
+                self.context = context  # what the failed code set, as if it had not written
             return None, error
         token = _current.set(scope)
         try:
@@ -559,7 +574,7 @@ class _Advance:
             if isinstance(exc, DB_TRANSIENT) or self.conn.is_closed():
                 raise
             if scope.touched:
-                raise _Redo(exc) from exc
+                raise _Redo(exc, self.context.copy()) from exc
             return None, exc
         finally:
             _current.reset(token)
@@ -573,8 +588,11 @@ class _Advance:
     async def emit(self, scope: Scope) -> None:
         try:
             inserted, created = await self.store.emit(self.conn, scope.launches, self.run)
-        except asyncpg.exceptions.InFailedSQLTransactionError as exc:
-            raise _Redo(exc) from exc  # user code swallowed an SQL error
+        except asyncpg.PostgresError as exc:
+            # User code swallowed an SQL error, or what it launched broke a constraint.
+            if isinstance(exc, DB_TRANSIENT):
+                raise
+            raise _Redo(exc) from exc
         children = {launch.id for launch in scope.launches if launch.scoped}
         self.pending += sum(1 for message_id, _ in created if message_id in children)
         for _, saga in created:
@@ -625,9 +643,11 @@ class _Advance:
         if retryable and step.retry is not None and step.retry.retries(error, act.attempt):
             retry_in = step.retry.delay(act.attempt)
             self.context = before  # the failed attempt's context changes vanish with it
-        return self.machine.step_failed(
-            state, act, failure, retry_in, self.now(), exhausted=retryable and retry_in is None
-        )
+        # Giving up is reported as such; any other final failure lists the earlier attempts.
+        exhausted = True if retryable and retry_in is None else None
+        if isinstance(error, GaveUp):
+            exhausted = False
+        return self.machine.step_failed(state, act, failure, retry_in, self.now(), exhausted)
 
     async def handle_children(self, state: RunState, act: HandleChildren) -> Transition:
         step = self.saga.steps[act.step]

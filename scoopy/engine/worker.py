@@ -44,6 +44,7 @@ class _Slots:
     wake: anyio.Event = field(default_factory=anyio.Event)
     active: int = 0
     loop_started: bool = False
+    full: bool = False  # a wake-up came while every slot was busy: claim when one frees
 
 
 class Worker:
@@ -244,7 +245,10 @@ class Worker:
         while not self.stopping:
             await slots.wake.wait()
             slots.wake = anyio.Event()
-            while not self.stopping and slots.active < slots.binding.saga.instances:
+            while not self.stopping:
+                if slots.active >= slots.binding.saga.instances:
+                    slots.full = True
+                    break
                 try:
                     claimed = await self._claim(slots)
                     failures = 0
@@ -327,6 +331,9 @@ class Worker:
             self._idle = anyio.Event()
 
     def _leave(self, slots: _Slots) -> None:
+        if slots.full:
+            slots.full = False
+            slots.wake.set()
         slots.active -= 1
         self._busy -= 1
         if self._busy == 0:
