@@ -87,7 +87,7 @@ async def test_a_subscription_made_after_start_reaches_other_processes(
 ) -> None:
     """A worker that subscribes after it started (and never launches) is in the registry
     at once, so another service's launch starts its saga instead of finding no listener."""
-    ran: list[str] = []
+    ran: list[int] = []
     saga = Saga("late-joiner")
 
     @saga.step()
