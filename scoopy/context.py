@@ -13,6 +13,10 @@ T = TypeVar("T")
 
 _MISSING: Any = object()
 
+# Keys whose values only move one way (deadlines). Setting one by its bare name, or merging
+# a context that carries it raw, must combine too, or a child could loosen what it inherited.
+_COMBINING: dict[str, ContextKey[Any]] = {}
+
 
 class ContextKey(Generic[T]):
     """A typed context key. `combine(old, new)` decides what setting an existing key keeps.
@@ -41,6 +45,8 @@ class ContextKey(Generic[T]):
         self.name = check_name("context key", name)
         self.type = type
         self.combine = combine
+        if combine is not None:
+            _COMBINING[self.name] = self
 
     def __repr__(self) -> str:
         return f"ContextKey({self.name!r})"
@@ -60,6 +66,15 @@ def _encode_value(name: str, value: Any) -> bytes:
             f"context value for key {name!r} is not JSON-serialisable: {exc}"
         ) from exc
     return check_storable(encoded, f"context value for key {name!r}")
+
+
+def _as_type(key: ContextKey[T], value: Any) -> T:
+    """`value` (as given under the key's bare name) decoded to the key's type."""
+    try:
+        decoded: T = msgspec.json.decode(_encode_value(key.name, value), type=key.type)
+    except msgspec.ValidationError as exc:
+        raise PayloadError(f"context value for key {key.name!r} does not decode: {exc}") from exc
+    return decoded
 
 
 class CooperationContext:
@@ -151,6 +166,10 @@ class CooperationContext:
             self._keys[name] = key
         else:
             name = check_name("context key", key)
+            typed = _COMBINING.get(name)
+            if typed is not None:
+                self[typed] = _as_type(typed, value)
+                return
             self._keys.pop(name, None)
         self._raw[name] = _encode_value(name, value)
         self._values[name] = value
@@ -159,6 +178,8 @@ class CooperationContext:
         name = key.name if isinstance(key, ContextKey) else key
         if name not in self:
             raise KeyError(name)
+        if name in _COMBINING:
+            raise PayloadError(f"context key {name!r} can only be tightened, not removed")
         self._raw.pop(name, None)
         self._values.pop(name, None)
         self._keys.pop(name, None)
@@ -178,10 +199,10 @@ class CooperationContext:
         if isinstance(other, CooperationContext):
             for name in other:
                 key = other._keys.get(name)
+                typed = self._keys.get(name) or _COMBINING.get(name)
                 if key is not None:
                     result[key] = other[key]
-                elif name in self._keys:
-                    typed = self._keys[name]
+                elif typed is not None:
                     result[typed] = msgspec.json.decode(other._raw_of(name), type=typed.type)
                 else:
                     result._raw[name] = other._raw_of(name)

@@ -10,14 +10,18 @@ import msgspec
 import pytest
 
 from scoopy import (
+    HAPPY_PATH_DEADLINE,
+    ROLLBACK_DEADLINE,
     ContextKey,
     Cooperation,
     CooperationContext,
+    Deadline,
     Message,
     PayloadError,
     Saga,
     Scope,
     current_scope,
+    deadline,
 )
 
 from .helpers import WAIT, both_modes
@@ -190,3 +194,72 @@ def test_context_rejects_values_that_are_not_json() -> None:
         ctx[PARENT] = object()
     with pytest.raises(PayloadError, match="does not decode"):
         CooperationContext.decode(b'{"ParentKey": "not an int"}')[PARENT]
+
+
+def test_a_deadline_cannot_be_loosened_by_name_by_removal_or_by_merging() -> None:
+    """Deadlines only tighten, whichever way a value arrives: by the key's bare name, in a
+    raw context merged on top, or by deleting the key to set it afresh."""
+    strict = deadline(10, "parent")
+    ctx = CooperationContext({HAPPY_PATH_DEADLINE: strict})
+
+    ctx["HappyPathDeadline"] = msgspec.to_builtins(deadline(3600, "by name"))
+    assert ctx[HAPPY_PATH_DEADLINE].at == strict.at
+
+    raw = CooperationContext.decode(msgspec.json.encode({"HappyPathDeadline": deadline(99, "raw")}))
+    assert ctx.merged(raw)[HAPPY_PATH_DEADLINE].at == strict.at
+    assert ctx.merged({"HappyPathDeadline": deadline(99, "mapping")})[HAPPY_PATH_DEADLINE].at == (
+        strict.at
+    )
+    # A raw inherited context (as a child decodes it) combines with a later value too.
+    inherited = CooperationContext.decode(ctx.encode())
+    inherited[HAPPY_PATH_DEADLINE] = deadline(3600, "child")
+    assert inherited[HAPPY_PATH_DEADLINE].at == strict.at
+
+    with pytest.raises(PayloadError, match="'HappyPathDeadline' can only be tightened"):
+        del ctx[HAPPY_PATH_DEADLINE]
+    with pytest.raises(PayloadError, match="can only be tightened"):
+        del inherited["HappyPathDeadline"]
+    assert ctx[HAPPY_PATH_DEADLINE].at == strict.at
+    # A tighter value still wins.
+    tighter = deadline(1, "tighter")
+    ctx["HappyPathDeadline"] = tighter
+    assert ctx[HAPPY_PATH_DEADLINE].at == tighter.at
+
+
+@both_modes
+async def test_a_childs_stricter_rollback_deadline_survives_its_parents_rollback(
+    make_coop: Callable[..., Cooperation], listen: bool
+) -> None:
+    """A parent rolling back hands its context to its committed children; a deadline the
+    child had tightened for itself stays the tighter one."""
+    parent_limit = deadline(3600, "parent")
+    child_limit = deadline(600, "child")
+    seen: list[Deadline] = []
+    parent = Saga("parent")
+
+    @parent.step()
+    async def delegate(scope: Scope, message: Message[Any]) -> None:
+        scope.context[ROLLBACK_DEADLINE] = parent_limit
+        await scope.launch("child", {})
+
+    @parent.step()
+    async def fail(scope: Scope, message: Message[Any]) -> None:
+        raise Boom("undo everything")
+
+    child = Saga("child")
+
+    @child.step()
+    async def tighten(scope: Scope, message: Message[Any]) -> None:
+        scope.context[ROLLBACK_DEADLINE] = child_limit
+
+    @tighten.rollback
+    async def undo(scope: Scope, message: Message[Any], failure: BaseException) -> None:
+        seen.append(scope.context[ROLLBACK_DEADLINE])
+
+    async with make_coop(listen=listen) as coop:
+        coop.subscribe("parent", parent)
+        coop.subscribe("child", child)
+        outcome = await (await coop.launch("parent", {})).wait(timeout=WAIT)
+
+    assert outcome.status == "rolled_back"
+    assert [(d.at, d.source) for d in seen] == [(child_limit.at, "child")]

@@ -699,8 +699,16 @@ class _Advance:
         )
         request = msgspec.json.encode(RollbackRequest("parent", said_so)).decode()
         context = _text(self.context.encode())
+        # Each child keeps its own context with the parent's on top; deadlines combine, so
+        # a stricter one the child set survives a looser one of the parent.
+        contexts = {
+            child: _text(CooperationContext.decode(own).merged(self.context).encode())
+            for child, own in await self.store.committed_children(
+                self.conn, self.run.id, act.instance.seq
+            )
+        }
         messages, sagas = await self.store.rollback_children(
-            self.conn, self.run.id, act.instance.seq, act.seq, request, context
+            self.conn, self.run.id, act.instance.seq, act.seq, request, contexts
         )
         step_name = self.machine.rollback_name(act.instance.step, children=True)
         for message_id in messages:

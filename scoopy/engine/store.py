@@ -305,16 +305,22 @@ class Store:
                AND phase IN ('step', 'handler')
              ORDER BY seq"""
 
+        self.sql_committed_children = f"""
+            SELECT id, context::text AS context
+              FROM {q}.run
+             WHERE parent_id = $1 AND parent_instance = $2 AND status = 'committed'
+             ORDER BY id
+               FOR UPDATE"""
+
         self.sql_rollback_children = f"""
             WITH kids AS (
-                UPDATE {q}.run
-                   SET status = 'active', rollback_request = $3::jsonb,
-                       context = CASE WHEN $4::jsonb IS NULL THEN context
-                                      ELSE COALESCE(context, '{{}}'::jsonb) || $4::jsonb END,
-                       ready_at = clock_timestamp(), awaited = true, parent_wait = $5,
+                UPDATE {q}.run r
+                   SET status = 'active', rollback_request = $3::jsonb, context = g.context,
+                       ready_at = clock_timestamp(), awaited = true, parent_wait = $4,
                        updated_at = clock_timestamp()
-                 WHERE parent_id = $1 AND parent_instance = $2 AND status = 'committed'
-                RETURNING saga
+                  FROM unnest($5::uuid[], $6::jsonb[]) AS g(id, context)
+                 WHERE r.id = g.id AND r.status = 'committed'
+                RETURNING r.saga
             )
             SELECT 'message' AS kind, m.id AS message_id, NULL::text AS saga
               FROM {q}.message m
@@ -699,18 +705,32 @@ class Store:
         instance: int,
         wait: int,
         request: str,
-        context: str | None,
+        contexts: dict[uuid.UUID, str | None],
     ) -> tuple[list[uuid.UUID], list[str]]:
-        """Ask the committed children of one step instance to roll back.
+        """Ask the committed children of one step instance (from `committed_children`) to
+        roll back, each with the context given for it.
 
         Returns the messages that instance emitted and the sagas of the children asked.
         """
         rows = await conn.fetch(
-            self.sql_rollback_children, parent_id, instance, request, context, wait
+            self.sql_rollback_children,
+            parent_id,
+            instance,
+            request,
+            wait,
+            list(contexts),
+            list(contexts.values()),
         )
         messages = sorted(row["message_id"] for row in rows if row["kind"] == "message")
         sagas = [row["saga"] for row in rows if row["kind"] == "run"]
         return messages, sagas
+
+    async def committed_children(
+        self, conn: Connection, parent_id: uuid.UUID, instance: int
+    ) -> list[tuple[uuid.UUID, str | None]]:
+        """Lock the committed children of one step instance; (id, context) of each."""
+        rows = await conn.fetch(self.sql_committed_children, parent_id, instance)
+        return [(row["id"], row["context"]) for row in rows]
 
     async def skip_unstarted(self, conn: Connection, parent_id: uuid.UUID) -> int:
         return int(await conn.fetchval(self.sql_skip_unstarted, parent_id))
