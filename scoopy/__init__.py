@@ -37,7 +37,7 @@ from .message import Message, Topic
 from .periodic import Schedule
 from .saga import NextStep, RetryPolicy, Saga, Step
 from .scope import Scope, current_scope
-from .strategy import EventLoopStrategy, RunView
+from .strategy import EventLoopStrategy, RunView, TimeWindow
 
 __all__ = [
     "ABSOLUTE_DEADLINE",
@@ -80,6 +80,7 @@ __all__ = [
     "ScoopyError",
     "Scope",
     "Step",
+    "TimeWindow",
     "Topic",
     "current_scope",
     "deadline",

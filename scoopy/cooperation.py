@@ -527,6 +527,8 @@ class Cooperation:
         restarts; see `scoopy.periodic` for the catch-up policies.
         """
         seconds = periodic.check_cadence(every, cron)
+        if start_at is not None and start_at.utcoffset() is None:
+            raise ScoopyError(f"`start_at` must be timezone-aware, got {start_at!r}")
         if catch_up not in ("latest", "all"):
             raise ScoopyError(f"catch_up must be 'latest' or 'all', got {catch_up!r}")
         resolved = self._topic(topic)
@@ -543,10 +545,10 @@ class Cooperation:
             await self.store.subscribe(conn, [(periodic.PERIODIC, periodic.PERIODIC)])
             start = start_at or (now + timedelta(seconds=seconds) if seconds is not None else now)
             link = periodic.first_link(
-                key, resolved.name, body, encoded, seconds, cron, start, catch_up
+                key, resolved.name, body, encoded, seconds, cron, start, catch_up, uuid7().hex
             )
             handle = await self.launch(
-                periodic.SCHEDULES, link, connection=conn, key=periodic.chain_key(key, link.due)
+                periodic.SCHEDULES, link, connection=conn, key=periodic.chain_key(key, link)
             )
         if self._worker is not None:
             self._worker.wake_in(max(0.0, (link.due - now).total_seconds()))

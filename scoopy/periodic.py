@@ -7,13 +7,13 @@ cannot fire it twice and a restart misses nothing: the chain lives in the databa
 
 Catch-up after downtime: with `catch_up="latest"` (the default) a schedule that missed
 several firings fires once, late, then resumes on its regular times; with `"all"` it fires
-once for every missed time, back to back.
+once for every missed time, back to back. Cron expressions are evaluated in UTC.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import msgspec
@@ -40,6 +40,7 @@ class Schedule(msgspec.Struct, frozen=True, kw_only=True):
     cron: str | None = None
     due: datetime
     catch_up: CatchUp = "latest"
+    chain: str = ""  # one per `schedule` call: a key scheduled anew never meets its old links
 
 
 SCHEDULES: Topic[Schedule] = Topic(PERIODIC, Schedule)
@@ -65,7 +66,7 @@ def check_cadence(every: timedelta | float | None, cron: str | None) -> float | 
 def next_due(schedule: Schedule, after: datetime) -> datetime:
     """The first firing time of `schedule` strictly after `after`."""
     if schedule.cron is not None:
-        return next(CronSim(schedule.cron, after))
+        return next(CronSim(schedule.cron, after.astimezone(UTC)))
     assert schedule.every is not None
     period = timedelta(seconds=schedule.every)
     if after < schedule.due:
@@ -74,8 +75,10 @@ def next_due(schedule: Schedule, after: datetime) -> datetime:
     return schedule.due + missed * period
 
 
-def chain_key(key: str, due: datetime | None = None) -> str:
-    return f"{PERIODIC}:{key}" if due is None else f"{PERIODIC}:{key}@{due.isoformat()}"
+def chain_key(key: str, link: Schedule | None = None) -> str:
+    """The prefix of every link key of schedule `key`, or the key of one link."""
+    prefix = f"{PERIODIC}:{key}"
+    return prefix if link is None else f"{prefix}@{link.due.isoformat()}/{link.chain}"
 
 
 def build() -> Saga:
@@ -94,13 +97,11 @@ def build() -> Saga:
             schedule.topic,
             schedule.payload,
             context=context,
-            key=f"{PERIODIC}:{schedule.key}:fired@{schedule.due.isoformat()}",
+            key=f"{PERIODIC}:{schedule.key}:fired@{schedule.due.isoformat()}/{schedule.chain}",
         )
         base = schedule.due if schedule.catch_up == "all" else max(schedule.due, scope.now())
-        due = next_due(schedule, base)
-        await scope.launch_global(
-            SCHEDULES, msgspec.structs.replace(schedule, due=due), key=chain_key(schedule.key, due)
-        )
+        following = msgspec.structs.replace(schedule, due=next_due(schedule, base))
+        await scope.launch_global(SCHEDULES, following, key=chain_key(schedule.key, following))
 
     return saga
 
@@ -114,7 +115,9 @@ def first_link(
     cron: str | None,
     start: datetime,
     catch_up: CatchUp,
+    chain: str,
 ) -> Schedule:
+    start = start.astimezone(UTC)
     draft = Schedule(
         key=key,
         topic=topic,
@@ -124,6 +127,7 @@ def first_link(
         cron=cron,
         due=start,
         catch_up=catch_up,
+        chain=chain,
     )
     due = start if cron is None else next_due(draft, start - timedelta(microseconds=1))
     return msgspec.structs.replace(draft, due=due)

@@ -876,6 +876,20 @@ def test_the_failing_iteration_is_not_compensated() -> None:
     assert sim.events[1] == rolling_back("loop", 0, cause, iteration=1)  # the failing one
 
 
+def test_children_failing_in_a_repeated_step_roll_back_from_the_iteration_that_launched_them() -> (
+    None
+):
+    """The step is due again (REPEAT) when its children fail: the rollback names the
+    iteration that launched them, not the next one."""
+    sim = Sim(
+        steps("loop", "last"),
+        invoke={("loop", 0): Returns(NextStep.REPEAT, children=(Child(failure=boom()),))},
+    )
+    assert sim.run().status == "rolled_back"
+    event = next(e for e in sim.events if e.type == EventType.ROLLING_BACK)
+    assert (event.step, event.iteration) == ("loop", 0)
+
+
 # -- 7. child failures on the happy path ------------------------------------------------------
 
 

@@ -26,12 +26,13 @@ from scoopy import (
     NextStep,
     PayloadError,
     Saga,
+    ScoopyError,
     Scope,
+    TimeWindow,
     Topic,
     deadline,
 )
 from scoopy.periodic import CatchUp
-from scoopy.strategy import TimeWindow
 
 from .helpers import ROOT, WAIT, WorkerProcess, both_modes, eventually, of_saga
 
@@ -77,8 +78,8 @@ def find(failure: CooperationFailure | None, type_: str) -> CooperationFailure:
 
 
 def due_of(key: str) -> datetime:
-    """The due time encoded in a periodic key ("...@<iso>")."""
-    return datetime.fromisoformat(key.rsplit("@", 1)[1])
+    """The due time encoded in a periodic key ("...@<iso>/<chain>")."""
+    return datetime.fromisoformat(key.rsplit("@", 1)[1].split("/", 1)[0])
 
 
 async def keys_like(db: asyncpg.Connection[asyncpg.Record], prefix: str) -> list[str]:
@@ -307,6 +308,33 @@ async def test_a_schedule_fires_on_a_gap_free_progression_until_unscheduled(
     for message_id, when, payload in ran:
         assert when >= due_by_id[message_id]
         assert payload == {"n": 1}
+
+
+async def test_a_key_scheduled_again_after_unschedule_fires_as_a_new_schedule(
+    make_coop: Callable[..., Cooperation], db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """Unscheduling and scheduling the same key with the same start gives a new chain that
+    fires, not the cancelled one's handle; a naive `start_at` is refused up front."""
+    fired = anyio.Event()
+    tick = Saga("tick")
+
+    @tick.step()
+    async def beat(scope: Scope, message: Message[Any]) -> None:
+        fired.set()
+
+    async with make_coop() as coop:
+        coop.subscribe("tick", tick)
+        with pytest.raises(ScoopyError, match="`start_at` must be timezone-aware"):
+            await coop.schedule("again", "tick", {}, every=60, start_at=datetime.now())
+        start = await db_now(db) + timedelta(seconds=0.3)
+        first = await coop.schedule("again", "tick", {}, every=60, start_at=start)
+        assert await coop.unschedule("again") == 1
+        second = await coop.schedule("again", "tick", {}, every=60, start_at=start)
+        assert second.id != first.id
+        assert [s.due for s in await coop.schedules()] == [start]
+        with anyio.fail_after(WAIT):
+            await fired.wait()
+        await coop.unschedule("again")
 
 
 async def test_two_services_scheduling_one_key_at_once_start_one_chain(
@@ -948,6 +976,72 @@ async def test_unsubscribing_releases_a_parent_waiting_for_an_unstarted_child(
     assert ran.count("complete") == 2
 
 
+async def test_unsubscribing_while_a_step_emits_to_that_saga_still_releases_the_parent(
+    make_coop: Callable[..., Cooperation], db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """The step's emission has created a run of the saga being unsubscribed but not yet
+    committed: the unsubscribe waits for that step and skips the run, so the parent is not
+    left waiting for a run that will never start."""
+    await db.execute("CREATE TABLE gate (n int)")
+    await db.execute(
+        """CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NULL; END $$"""
+    )
+    await db.execute(
+        """CREATE CONSTRAINT TRIGGER hold AFTER INSERT ON gate DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION hold_commit()"""
+    )
+    _, _, absent, ran = waiting_parent()
+    gated = Saga("gated")
+
+    @gated.step()
+    async def place(scope: Scope, message: Message[Any]) -> None:
+        await scope.connection.execute(f'INSERT INTO "{schema}".gate VALUES (1)')
+        await scope.launch("placed", {})  # emitted; the commit then waits for the gate
+
+    @gated.step()
+    async def complete(scope: Scope, message: Message[Any]) -> None:
+        ran.append("complete")
+
+    async def waiting(query: str) -> bool:
+        return bool(
+            await db.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                    WHERE wait_event_type = 'Lock' AND query LIKE $1""",
+                query,
+            )
+        )
+
+    async with make_coop() as coop, anyio.create_task_group() as tg:
+        schema = coop.schema
+        coop.subscribe("orders", gated)
+        coop.subscribe("placed", absent)
+        await coop.pause(absent)
+        await db.execute("SELECT pg_advisory_lock(4242)")
+        handle = await coop.launch("orders", {})
+        await until(lambda: waiting("%COMMIT%"))  # the step's transaction is at its commit
+        synced = anyio.Event()
+
+        async def unsubscribe() -> None:
+            coop.unsubscribe("placed", absent)
+            await coop.sync()
+            synced.set()
+
+        tg.start_soon(unsubscribe)
+
+        async def unsubscribing() -> bool:
+            return synced.is_set() or await waiting("%scoopy.registry%")
+
+        await until(unsubscribing)
+        await db.execute("SELECT pg_advisory_unlock(4242)")
+        outcome = await handle.wait(timeout=WAIT)
+        runs = await coop.runs(handle.id)
+
+    assert outcome.status == "committed", outcome.failure
+    assert ran == ["complete"]
+    assert [run.status for run in runs if run.saga == "absent"] == ["skipped"]
+
+
 @both_modes
 async def test_a_parent_waiting_for_a_child_that_never_starts_can_be_cancelled(
     make_coop: Callable[..., Cooperation], listen: bool
@@ -1006,6 +1100,55 @@ async def test_a_parent_waiting_for_a_child_that_never_starts_misses_its_deadlin
     gave_up = next(e for e in events if e.saga == "waiter" and e.type == "ROLLING_BACK")
     assert gave_up.time >= limit.at
     assert "complete" not in ran
+
+
+@both_modes
+async def test_a_started_child_whose_saga_lost_its_workers_is_rolled_back_when_one_returns(
+    make_coop: Callable[..., Cooperation], listen: bool
+) -> None:
+    """A child that committed a step and then lost every worker serving its saga cannot be
+    rolled back without that saga's compensations: a cancelled parent waits for it (nothing
+    is dropped), and a worker serving the saga again finishes the rollback."""
+    ran: list[str] = []
+    parent, _, _, _ = waiting_parent()
+    slow = Saga("slow")
+
+    @slow.step()
+    async def begin(scope: Scope, message: Message[Any]) -> None:
+        ran.append("begin")
+        await scope.sleep(3600)
+
+    @begin.rollback
+    async def unbegin(scope: Scope, message: Message[Any], failure: BaseException) -> None:
+        ran.append("unbegin")
+
+    @slow.step()
+    async def end(scope: Scope, message: Message[Any]) -> None:
+        ran.append("end")
+
+    async with make_coop(listen=listen) as coop:
+        coop.subscribe("orders", parent)
+        async with make_coop(listen=listen) as service:
+            service.subscribe("placed", slow)
+            await service.sync()
+            handle = await coop.launch("orders", {})
+
+            async def sleeping() -> bool:
+                return has(await coop.events(handle.id), "SUSPENDED", "slow", "begin")
+
+            await until(sleeping)
+        # The only worker serving "slow" is gone, mid-run.
+        assert await coop.cancel(handle.id, "give up")
+        runs = {run.saga: run.status for run in await coop.runs(handle.id)}
+        assert runs == {"waiter": "active", "slow": "active"}  # waiting, not dropped
+        async with make_coop(listen=listen) as service:
+            service.subscribe("placed", slow)
+            outcome = await handle.wait(timeout=WAIT)
+        runs = {run.saga: run.status for run in await coop.runs(handle.id)}
+
+    assert outcome.status == "rolled_back"
+    assert runs == {"waiter": "rolled_back", "slow": "rolled_back"}
+    assert ran == ["begin", "unbegin"]
 
 
 # -- 9. idempotent launches ---------------------------------------------------------------

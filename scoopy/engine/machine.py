@@ -271,13 +271,17 @@ class Machine:
         if w.child_failures:
             failure, tainted = self.children_failure(s.last, w.child_failures)
             if w.give_up is not None:
-                return self.fail(s, self.gave_up(w.give_up, failure), s.last, tainted)
+                return self.fail(
+                    s, self.gave_up(w.give_up, failure), s.last, s.last_iteration, tainted
+                )
             assert s.last is not None
             return Transition(
                 s, HandleChildren(s.last, failure, s.handlers, s.seq + 1, tuple(tainted))
             )
         if w.give_up is not None:
-            return self.fail(s, self.gave_up(w.give_up), s.step if s.step is not None else s.last)
+            if s.step is not None:
+                return self.fail(s, self.gave_up(w.give_up), s.step, s.iteration)
+            return self.fail(s, self.gave_up(w.give_up), s.last, s.last_iteration)
         # What the run asked for (sleep, retry backoff) holds whatever the strategy says;
         # the strategy can only add to it.
         until = max((t for t in (s.resume_at, w.resume_at) if t is not None), default=None)
@@ -428,16 +432,10 @@ class Machine:
         s: RunState,
         failure: CooperationFailure,
         step: int | None,
+        iteration: int | None,
         tainted: Sequence[CooperationFailure] = (),
     ) -> Transition:
-        """Leave the happy path: record the failure and start rolling back."""
-        iteration = (
-            s.iteration
-            if step is not None and step == s.step
-            else s.last_iteration
-            if step is not None and step == s.last
-            else None
-        )
+        """Leave the happy path at `step`'s `iteration`: record the failure, start rolling back."""
         event = EventSpec(
             EventType.ROLLING_BACK,
             step=self.name(step),
@@ -545,7 +543,7 @@ class Machine:
                 self.source,
                 [*s.attempts, failure],
             )
-        return self.fail(s, failure, act.step)
+        return self.fail(s, failure, act.step, act.iteration)
 
     def after_handler(
         self,
@@ -578,7 +576,7 @@ class Machine:
     def handler_failed(
         self, s: RunState, act: HandleChildren, failure: CooperationFailure
     ) -> Transition:
-        return self.fail(s, failure, act.step, act.tainted)
+        return self.fail(s, failure, act.step, s.last_iteration, act.tainted)
 
     def after_rollback_children(self, s: RunState, act: RollbackChildren) -> Transition:
         inst = act.instance

@@ -176,6 +176,14 @@ class Store:
         # Lock first, then look: rows skipped because another worker holds them cost no
         # join and no cancellation probe. The locked row's columns come from the CTE, which
         # returns its newest version (re-reading `run` outside it could see an older one).
+        # Every step transaction holds this lock shared from its claim to its commit, and
+        # unsubscribing takes it exclusively: the skip of unstarted runs then sees every run
+        # that a step emitted from the old registry (none is created after it, unskipped).
+        # (`schema` is a validated identifier, not user input.)
+        registry_lock = f"hashtext('scoopy.registry:{schema}')"
+        fence = f"pg_advisory_xact_lock_shared({registry_lock})"
+        self.sql_lock_registry = f"SELECT pg_advisory_xact_lock({registry_lock})"
+
         def claim(pick: str) -> str:
             return f"""
             WITH r AS (
@@ -191,7 +199,7 @@ class Store:
                    (SELECT c.failure::text FROM {q}.cancellation c
                      WHERE c.target = ANY (r.lineage)
                      ORDER BY c.created_at LIMIT 1) AS cancellation,
-                   clock_timestamp() AS now,
+                   (SELECT clock_timestamp() FROM {fence}) AS now,
                    (SELECT count(*) FROM (SELECT 1 FROM {q}.run x
                                            WHERE x.saga = r.saga
                                              AND x.ready_at <= clock_timestamp()
@@ -818,6 +826,7 @@ class Store:
 
         Returns how many runs were skipped and the sagas of parents that became ready.
         """
+        await conn.execute(self.sql_lock_registry)  # waits out steps emitting right now
         row = await conn.fetchrow(self.sql_unsubscribe, topic, saga, self.channel, listen)
         assert row is not None
         return int(row["skipped"]), list(row["ready"])
