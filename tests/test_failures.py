@@ -2120,3 +2120,63 @@ async def test_worker_killed_during_a_compensation_finishes_it_elsewhere_exactly
         ("SUSPENDED", "Rollback of reserve", survivor.pid),
         ("ROLLED_BACK", "Rollback of reserve", survivor.pid),
     ]
+
+
+@both_modes
+async def test_a_failure_after_retried_attempts_lists_every_attempt(
+    make_coop: MakeCoop, listen: bool
+) -> None:
+    """An attempt that raises something the policy does not retry ends the retries, and the
+    failure still records the earlier, retried attempts."""
+    saga = Saga("importer")
+
+    @saga.step(retry=RetryPolicy(attempts=3, backoff=0.05, jitter=0, on=(Flaky,)))
+    async def fetch(scope: Scope, message: Message[Any]) -> None:
+        if scope.attempt == 1:
+            raise Flaky("timeout")
+        raise Fatal("malformed input")
+
+    async with make_coop(listen=listen) as coop:
+        coop.subscribe("import", saga)
+        outcome = await (await coop.launch("import", {})).wait(timeout=WAIT)
+
+    assert outcome.status == "rolled_back"
+    assert (
+        describe(outcome.failure) == 'RetriesExhausted(Flaky("timeout"), Fatal("malformed input"))'
+    )
+
+
+@both_modes
+async def test_undo_after_a_happy_path_deadline_passed_is_judged_by_the_rollback_path(
+    make_coop: MakeCoop, db: asyncpg.Connection[asyncpg.Record], listen: bool
+) -> None:
+    """A hierarchy that committed within its happy-path deadline can be undone after that
+    deadline: compensations asking `give_up_if_needed()` are on the rollback path."""
+    undone: list[str] = []
+    saga = Saga("booking")
+
+    @saga.step()
+    async def book(scope: Scope, message: Message[Any]) -> None:
+        pass
+
+    @book.rollback
+    async def unbook(scope: Scope, message: Message[Any], failure: BaseException) -> None:
+        await scope.give_up_if_needed()
+        undone.append("unbook")
+
+    limit = deadline(0.3, "caller")
+    async with make_coop(listen=listen) as coop:
+        coop.subscribe("bookings", saga)
+        handle = await coop.launch("bookings", {}, context={HAPPY_PATH_DEADLINE: limit})
+        assert (await handle.wait(timeout=WAIT)).status == "committed"
+
+        async def deadline_passed() -> bool:
+            now = await db.fetchval("SELECT clock_timestamp()")
+            return bool(now > limit.at)
+
+        await eventually(deadline_passed)
+        await coop.rollback(handle.id, "customer cancelled")
+        outcome = await handle.wait(timeout=WAIT)
+
+    assert outcome.status == "rolled_back", outcome.failure
+    assert undone == ["unbook"]
