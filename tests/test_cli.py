@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import asyncpg
 import pytest
 
-from scoopy import Cooperation
+from scoopy import Cooperation, Message, Saga, Scope
 from scoopy.cli import UsageError, app_cooperation, build_parser
 
-from .helpers import ROOT, WAIT, WorkerProcess
+from .helpers import ROOT, WAIT, WorkerProcess, eventually
 
 
 def scoopy(*args: str, dsn: str, schema: str) -> subprocess.CompletedProcess[str]:
@@ -122,3 +124,72 @@ async def test_json_logs_carry_the_ids(
     assert entry["saga"] == "work" and entry["root_id"] == str(handle.id)
     assert entry["run_id"] and entry["worker"] and entry["lineage"][0] == str(handle.id)
     assert entry["level"] == "info" and "timestamp" in entry
+
+
+async def test_cancel_from_the_command_line_rolls_a_suspended_hierarchy_back(
+    dsn: str, schema: str, make_coop: Callable[..., Cooperation]
+) -> None:
+    """`scoopy cancel ROOT` on a hierarchy asleep between its steps: the run gives up, its
+    compensation runs and it rolls back with the reason given; asking again says so, and an
+    unknown id is a clear error."""
+    log: list[str] = []
+    report = Saga("report")
+
+    @report.step()
+    async def reserve_cluster(scope: Scope, message: Message[Any]) -> None:
+        log.append("reserve")
+        await scope.sleep(3600)
+
+    @reserve_cluster.rollback
+    async def release_cluster(scope: Scope, message: Message[Any], failure: BaseException) -> None:
+        log.append(f"release after {type(failure).__name__}")
+
+    @report.step()
+    async def render(scope: Scope, message: Message[Any]) -> None:
+        log.append("never: cancelled while asleep")
+
+    async with make_coop() as coop:
+        coop.subscribe("reports", report)
+        handle = await coop.launch("reports", {})
+
+        async def asleep() -> bool:
+            return any(e.type == "SUSPENDED" for e in await coop.events(handle.id))
+
+        await eventually(asleep)
+        cancel = await anyio.to_thread.run_sync(
+            lambda: scoopy(
+                "cancel", str(handle.id), "--reason", "the customer left", dsn=dsn, schema=schema
+            )
+        )
+        assert cancel.returncode == 0, cancel.stderr
+        assert cancel.stdout.strip() == "cancellation requested"
+        outcome = await handle.wait(timeout=WAIT)
+        events = await coop.events(handle.id)
+        again = await anyio.to_thread.run_sync(
+            lambda: scoopy("cancel", str(handle.id), dsn=dsn, schema=schema)
+        )
+        unknown = await anyio.to_thread.run_sync(
+            lambda: scoopy("cancel", str(uuid.uuid4()), dsn=dsn, schema=schema)
+        )
+
+    assert outcome.status == "rolled_back"
+    assert log == ["reserve", "release after GaveUp"]
+    assert outcome.failure is not None
+    assert outcome.failure.message == "Gave up: the customer left"
+    assert [each.type for each in outcome.failure.walk()] == [
+        "scoopy.GaveUp", "scoopy.CancellationRequested",
+    ]  # fmt: skip
+    [request] = [e for e in events if e.type == "CANCELLATION_REQUESTED"]
+    assert request.failure is not None and request.failure.message == "the customer left"
+    assert [(e.type, e.step) for e in events if e.saga == "report"] == [
+        ("SEEN", None),
+        ("SUSPENDED", "reserve_cluster"),
+        ("ROLLING_BACK", "render"),
+        ("SUSPENDED", "Rollback of reserve_cluster (rolling back child scopes)"),
+        ("SUSPENDED", "Rollback of reserve_cluster"),
+        ("ROLLED_BACK", "Rollback of reserve_cluster"),
+    ]
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "cancellation was already requested"
+    assert unknown.returncode == 2
+    assert "scoopy: error: no run or root message" in unknown.stderr

@@ -2180,3 +2180,268 @@ async def test_undo_after_a_happy_path_deadline_passed_is_judged_by_the_rollback
 
     assert outcome.status == "rolled_back", outcome.failure
     assert undone == ["unbook"]
+
+
+# -- more: deadlines inside a step, retries across restarts, finally, cross-run isolation --
+
+
+@both_modes
+async def test_give_up_if_needed_stops_a_long_step_when_its_happy_path_deadline_passes(
+    make_coop: MakeCoop, listen: bool
+) -> None:
+    """A long step that keeps asking `give_up_if_needed()` passes the checks before the
+    happy-path deadline and stops at the first check after it: the rest of the step never
+    runs, the run rolls back (earlier steps compensated, the failing one not), and the failure
+    names the deadline, when it was and who set it."""
+    log: list[str] = []
+    checks_passed: list[int] = []
+    saga = Saga("report")
+
+    @saga.step()
+    async def gather(scope: Scope, message: Message[Any]) -> None:
+        log.append("gather")
+
+    @gather.rollback
+    async def ungather(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("ungather")
+
+    @saga.step()
+    async def crunch(scope: Scope, message: Message[Any]) -> None:
+        log.append("crunch")
+        with anyio.fail_after(WAIT):  # a bound on the test, not its outcome
+            while True:  # a chunk of work, then ask whether to go on
+                try:
+                    await scope.give_up_if_needed()
+                except GaveUp:
+                    log.append("gave up")
+                    raise
+                checks_passed.append(1)
+                await anyio.sleep(0.01)
+
+    @crunch.rollback
+    async def uncrunch(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("never: the failing step committed nothing to compensate")
+
+    @saga.step()
+    async def publish(scope: Scope, message: Message[Any]) -> None:
+        log.append("never: published")
+
+    limit = deadline(1.0, "report-sla")
+    async with make_coop(listen=listen) as coop:
+        coop.subscribe("report", saga)
+        handle = await coop.launch("report", {}, context={HAPPY_PATH_DEADLINE: limit})
+        outcome = await handle.wait(timeout=WAIT)
+        events = await coop.events(handle.id)
+
+    assert outcome.status == "rolled_back"
+    assert log == ["gather", "crunch", "gave up", "ungather"]
+    assert checks_passed  # the deadline passed while the step was running
+    assert of_saga(events, "report") == [
+        ("SEEN", None),
+        ("SUSPENDED", "gather"),
+        ("ROLLING_BACK", "crunch"),
+        ("SUSPENDED", "Rollback of gather (rolling back child scopes)"),
+        ("SUSPENDED", "Rollback of gather"),
+        ("ROLLED_BACK", "Rollback of gather"),
+    ]
+    failure = outcome.failure
+    assert failure is not None
+    assert failure.type == "scoopy.GaveUp"
+    assert failure.message.startswith("Gave up: Missed happy path deadline of report-sla at ")
+    [missed] = failure.causes
+    assert missed.type == "scoopy.DeadlineMissed"
+    assert missed.source == "report-sla"
+    assert limit.at.isoformat() in missed.message
+    assert failure_of(events, "report", "ROLLING_BACK") == failure
+    assert min(e.time for e in events if e.type == "ROLLING_BACK") >= limit.at
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+async def test_a_retry_backoff_survives_a_worker_restart(
+    dsn: str,
+    schema: str,
+    make_coop: MakeCoop,
+    db: asyncpg.Connection[asyncpg.Record],
+    stop: str,
+) -> None:
+    """The first attempt fails and the worker process stops during the backoff; a new worker
+    runs the second attempt once the backoff is over: the step ran exactly twice (once per
+    worker) and the hierarchy commits."""
+    from .apps.retrying import BACKOFF
+
+    app = "tests.apps.retrying:setup"
+    await db.execute("CREATE TABLE attempts (run_id uuid, attempt int, pid int, at timestamptz)")
+    async with make_coop(worker=False) as coop:
+        async with WorkerProcess(dsn, schema, app) as first:
+            handle = await coop.launch("sync", {})
+            await wait_for_event(coop, handle.id, lambda e: e.type == "ATTEMPT_FAILED")
+            if stop == "sigkill":
+                await first.kill()
+            # else: leaving the block sends SIGTERM and waits for a clean exit
+        stopped_at = await db.fetchval("SELECT clock_timestamp()")
+        assert first.process is not None
+        assert first.process.returncode == (0 if stop == "sigterm" else -9)
+        async with WorkerProcess(dsn, schema, app) as second:
+            outcome = await handle.wait(timeout=WAIT)
+        events = await coop.events(handle.id)
+
+    assert outcome.status == "committed", outcome.failure
+    rows = await db.fetch("SELECT attempt, pid, at FROM attempts ORDER BY attempt")
+    assert [(r["attempt"], r["pid"]) for r in rows] == [(1, first.pid), (2, second.pid)]
+    first_try, second_try = (r["at"] for r in rows)
+    assert (stopped_at - first_try).total_seconds() < BACKOFF  # stopped during the backoff
+    assert (second_try - first_try).total_seconds() >= BACKOFF  # and the backoff was kept
+    assert of_saga(events, "sync") == [
+        ("SEEN", None),
+        ("ATTEMPT_FAILED", "call_partner"),
+        ("SUSPENDED", "call_partner"),
+        ("COMMITTED", "call_partner"),
+    ]
+    [failed] = [e for e in events if e.type == "ATTEMPT_FAILED"]
+    assert describe(failed.failure) == 'PartnerTimeout("partner API timed out")'
+    writers = {e.type: int(str(e.worker).rsplit("/", 2)[1]) for e in events if e.saga == "sync"}
+    assert writers["ATTEMPT_FAILED"] == first.pid
+    assert writers["COMMITTED"] == second.pid
+
+
+@both_modes
+async def test_finally_runs_once_when_the_step_itself_raises(
+    make_coop: MakeCoop, listen: bool
+) -> None:
+    """A `finally_` step whose body launches a child and then raises: the finally action runs
+    exactly once, the child never starts (its message went with the doomed transaction), the
+    run rolls back compensating only the earlier step, and no "(finally)" step runs later."""
+    log: list[str] = []
+    job = Saga("big-computation")
+
+    @job.step()
+    async def book(scope: Scope, message: Message[Any]) -> None:
+        log.append("book")
+
+    @book.rollback
+    async def unbook(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("unbook")
+
+    @job.step()
+    async def spin_up(scope: Scope, message: Message[Any]) -> None:
+        log.append("spin up")
+        await scope.launch("calculate", {})
+        raise MyException("no capacity")
+
+    @spin_up.finally_
+    async def spin_down(scope: Scope, message: Message[Any]) -> None:
+        log.append("spin down")
+
+    @spin_up.rollback
+    async def unspin(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("never: the failing step committed nothing to compensate")
+
+    @job.step()
+    async def report(scope: Scope, message: Message[Any]) -> None:
+        log.append("never: report")
+
+    calculation = Saga("calculation")
+
+    @calculation.step()
+    async def calculate(scope: Scope, message: Message[Any]) -> None:
+        log.append("never: calculate")
+
+    async with make_coop(listen=listen) as coop:
+        coop.subscribe("jobs", job)
+        coop.subscribe("calculate", calculation)
+        handle = await coop.launch("jobs", {})
+        outcome = await handle.wait(timeout=WAIT)
+        events = await coop.events(handle.id)
+
+    assert outcome.status == "rolled_back"
+    assert log == ["book", "spin up", "spin down", "unbook"]
+    assert describe(outcome.failure) == 'MyException("no capacity")'
+    assert of_saga(events, "big-computation") == [
+        ("SEEN", None),
+        ("SUSPENDED", "book"),
+        ("ROLLING_BACK", "spin_up"),
+        ("SUSPENDED", "Rollback of book (rolling back child scopes)"),
+        ("SUSPENDED", "Rollback of book"),
+        ("ROLLED_BACK", "Rollback of book"),
+    ]
+    assert {e.saga for e in events} == {None, "big-computation"}  # no calculation run
+    assert [run.saga for run in outcome.runs] == ["big-computation"]
+
+
+@both_modes
+@pytest.mark.parametrize("b_fate", ["commits", "rolls back"])
+async def test_a_childs_rollback_failure_in_one_run_does_not_reach_another_run(
+    make_coop: MakeCoop, listen: bool, b_fate: str
+) -> None:
+    """scoop-semantics §24.1 item 2: two runs A and B of the same saga, each with a child.
+    A's child fails to compensate (ROLLBACK_FAILED) while B's child is still working; B then
+    finishes as if A did not exist — it commits, or rolls back cleanly — and never hears of
+    A's rollback failure."""
+    log: list[str] = []
+    b_child_working = anyio.Event()
+    b_child_may_finish = anyio.Event()
+    order = Saga("order")
+
+    @order.step()
+    async def delegate(scope: Scope, message: Message[Any]) -> None:
+        await scope.launch("fulfil", {"run": message.payload["run"]})
+
+    @delegate.rollback
+    async def undelegate(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append(f"undelegate {message.payload['run']}")
+
+    @order.step()
+    async def finish(scope: Scope, message: Message[Any]) -> None:
+        log.append(f"finish {message.payload['run']}")
+        if message.payload["fail"]:
+            raise MyException(f"order {message.payload['run']} failed")
+
+    fulfil = Saga("fulfil")
+
+    @fulfil.step()
+    async def ship(scope: Scope, message: Message[Any]) -> None:
+        if message.payload["run"] == "B":
+            b_child_working.set()
+            await b_child_may_finish.wait()
+        log.append(f"ship {message.payload['run']}")
+
+    @ship.rollback
+    async def unship(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        if message.payload["run"] == "A":
+            raise MyException("carrier API down")
+        log.append(f"unship {message.payload['run']}")
+
+    async with make_coop(listen=listen) as coop:
+        coop.subscribe("orders", order)
+        coop.subscribe("fulfil", fulfil)
+        b = await coop.launch("orders", {"run": "B", "fail": b_fate == "rolls back"})
+        with anyio.fail_after(WAIT):
+            await b_child_working.wait()
+        a = await coop.launch("orders", {"run": "A", "fail": True})
+        a_outcome = await a.wait(timeout=WAIT)
+        b_child_may_finish.set()
+        b_outcome = await b.wait(timeout=WAIT)
+        a_events, b_events = await coop.events(a.id), await coop.events(b.id)
+
+    # A: its child's compensation failed, so A ends rollback_failed.
+    assert a_outcome.status == "rollback_failed"
+    assert "ROLLBACK_FAILED" in [e.type for e in a_events if e.saga == "fulfil"]
+    # B: as if it ran alone.
+    assert "ROLLBACK_FAILED" not in [e.type for e in b_events]
+    assert all("RollbackFailed" not in e.failure.type for e in b_events if e.failure)
+    if b_fate == "commits":
+        assert b_outcome.status == "committed", b_outcome.failure
+        assert b_outcome.failure is None
+        assert [line for line in log if line.endswith("B")] == ["ship B", "finish B"]
+    else:
+        assert b_outcome.status == "rolled_back", b_outcome.failure
+        assert describe(b_outcome.failure) == 'MyException("order B failed")'
+        assert [line for line in log if line.endswith("B")] == [
+            "ship B",
+            "finish B",
+            "unship B",
+            "undelegate B",
+        ]
+    assert {(run.saga, run.status) for run in b_outcome.runs} == {
+        ("order", "committed" if b_fate == "commits" else "rolled_back")
+    }
