@@ -36,7 +36,7 @@ from scoopy import (
     deadline,
 )
 
-from .helpers import WAIT, WorkerProcess, both_modes, eventually, of_saga
+from .helpers import RECHECK, WAIT, WorkerProcess, both_modes, eventually, of_saga
 
 MakeCoop = Callable[..., Cooperation]
 
@@ -2216,7 +2216,7 @@ async def test_give_up_if_needed_stops_a_long_step_when_its_happy_path_deadline_
                     log.append("gave up")
                     raise
                 checks_passed.append(1)
-                await anyio.sleep(0.01)
+                await anyio.sleep(RECHECK)  # the "work": its length decides nothing
 
     @crunch.rollback
     async def uncrunch(scope: Scope, message: Message[Any], f: BaseException) -> None:
