@@ -123,6 +123,7 @@ async def _profile(args: argparse.Namespace, py_spy: str) -> None:
         )
         await s.coop.pause(shape.root_saga)
         roots = await workloads.launch_many(s.coop, shape.topic, args.roots, settings, s.launched)
+        await workloads.refresh_statistics(s)  # as `backlog` does before its clock starts
         s.watch.expect(roots)
         command = [
             py_spy, "record", "--pid", str(os.getpid()), "--duration", str(args.seconds),

@@ -242,8 +242,12 @@ class Store:
             UNION ALL
             SELECT message_id, saga FROM r"""
 
-        self.sql_finish = f"""
-            WITH ev AS (
+        # Finishing a step is one statement, in three shapes: the parent's update and the
+        # notifications cost executor set-up on every call even when they do nothing, and a
+        # root run's step (most steps of a flat saga) needs neither. Parameters $1-$17 are
+        # common to all three; `finish` picks the shape.
+        events = f"""
+            ev AS (
                 -- One JSON array per event (EventRow's field order); the run's own events
                 -- carry its lineage, a launch outside the hierarchy starts one of its own.
                 INSERT INTO {q}.event (root_id, type, message_id, run_id, saga, step, phase,
@@ -252,35 +256,46 @@ class Store:
                 SELECT (e->>0)::uuid, e->>1, (e->>2)::uuid, (e->>3)::uuid, e->>4, e->>5, e->>6,
                        (e->>7)::int, (e->>8)::int, (e->>9)::int, (e->>10)::int,
                        NULLIF(e->11, 'null'), NULLIF(e->12, 'null'),
-                       CASE WHEN e->>3 IS NULL THEN ARRAY[(e->>0)::uuid] ELSE $19::uuid[] END,
+                       CASE WHEN e->>3 IS NULL THEN ARRAY[(e->>0)::uuid] ELSE $16::uuid[] END,
                        $17
-                  FROM jsonb_array_elements($18::jsonb) WITH ORDINALITY AS x(e, ord)
+                  FROM jsonb_array_elements($15::jsonb) WITH ORDINALITY AS x(e, ord)
                  ORDER BY x.ord
-                RETURNING 1
-            ), up AS (
-                UPDATE {q}.run
-                   SET status = $2, state = $3::jsonb, pending = $4,
-                       failed = CASE WHEN $5 THEN 0 ELSE failed END,
-                       ready_at = CASE
-                           WHEN $23 AND $6 > clock_timestamp() AND EXISTS (
-                               SELECT 1 FROM {q}.cancellation c WHERE c.target = ANY (lineage))
-                           THEN clock_timestamp() ELSE $6 END,
-                       resume_at = $7, deadline_at = $8, context = $9::jsonb,
-                       failure = COALESCE($10::jsonb, failure),
-                       rollback_failure = $11::jsonb, result = COALESCE($12::jsonb, result),
-                       rollback_request = NULL,
-                       awaited = awaited AND NOT $13,
-                       updated_at = clock_timestamp()
-                 WHERE id = $1
-                RETURNING 1
-            ), parent AS (
+            )"""
+        update = f"""
+            UPDATE {q}.run
+               SET status = $2, state = $3::jsonb, pending = $4,
+                   failed = CASE WHEN $5 THEN 0 ELSE failed END,
+                   ready_at = CASE
+                       WHEN $14 AND $6 > clock_timestamp() AND EXISTS (
+                           SELECT 1 FROM {q}.cancellation c WHERE c.target = ANY (lineage))
+                       THEN clock_timestamp() ELSE $6 END,
+                   resume_at = $7, deadline_at = $8, context = $9::jsonb,
+                   failure = COALESCE($10::jsonb, failure),
+                   rollback_failure = $11::jsonb, result = COALESCE($12::jsonb, result),
+                   rollback_request = NULL,
+                   awaited = awaited AND NOT $13,
+                   updated_at = clock_timestamp()
+             WHERE id = $1"""
+        self.sql_finish = f"""
+            WITH {events}
+            {update}
+            RETURNING NULL::text AS parent_saga, NULL::int AS parent_pending"""
+        self.sql_finish_notify = f"""
+            WITH {events}, nt AS (SELECT pg_notify($18, n) FROM unnest($19::text[]) AS n)
+            {update}
+            RETURNING NULL::text AS parent_saga, NULL::int AS parent_pending,
+                      (SELECT count(*) FROM nt) AS notified"""
+        # The finished run was awaited by its parent: one child fewer to wait for, and the
+        # parent's saga is woken when that was the last.
+        self.sql_finish_parent = f"""
+            WITH {events}, parent AS (
                 UPDATE {q}.run p
                    SET pending = p.pending - 1,
-                       failed = p.failed + $15,
+                       failed = p.failed + $19,
                        ready_at = CASE WHEN p.pending = 1 THEN {parent_ready}
                                        ELSE p.ready_at END,
                        updated_at = clock_timestamp()
-                 WHERE p.id = $14 AND $16
+                 WHERE p.id = $18
                 RETURNING p.saga, p.pending
             ), nt AS (
                 SELECT pg_notify($20, n)
@@ -288,10 +303,10 @@ class Store:
                         UNION ALL
                         SELECT 'r:' || saga FROM parent WHERE pending = 0 AND $22) AS q
             )
-            SELECT (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM up) AS updated,
-                   (SELECT count(*) FROM nt) AS notified,
-                   (SELECT saga FROM parent) AS parent_saga,
-                   (SELECT pending FROM parent) AS parent_pending"""
+            {update}
+            RETURNING (SELECT saga FROM parent) AS parent_saga,
+                      (SELECT pending FROM parent) AS parent_pending,
+                      (SELECT count(*) FROM nt) AS notified"""
 
         self.sql_defer = f"""
             UPDATE {q}.run SET ready_at = clock_timestamp() + make_interval(secs => $2)
@@ -660,8 +675,7 @@ class Store:
         """
         ev = write.events
         assert all(e.run_id in (write.run_id, None) for e in ev)
-        row = await conn.fetchrow(
-            self.sql_finish,
+        args = (
             write.run_id,
             write.status,
             write.state,
@@ -675,21 +689,29 @@ class Store:
             write.rollback_failure,
             write.result,
             write.terminal,
-            write.parent_id,
-            write.parent_failed,
-            write.notify_parent,
-            worker,
+            write.sleeping,
             _events.encode(ev).decode(),
             write.lineage,
-            self.channel,
-            write.notify if listen else [],
-            listen,
-            write.sleeping,
+            worker,
         )
-        assert row is not None
-        if row["updated"] != 1:
+        notify = write.notify if listen else []
+        if write.notify_parent:
+            row = await conn.fetchrow(
+                self.sql_finish_parent,
+                *args,
+                write.parent_id,
+                write.parent_failed,
+                self.channel,
+                notify,
+                listen,
+            )
+        elif notify:
+            row = await conn.fetchrow(self.sql_finish_notify, *args, self.channel, notify)
+        else:
+            row = await conn.fetchrow(self.sql_finish, *args)
+        if row is None:
             raise RuntimeError(f"run {write.run_id} vanished while it was locked")
-        return row["parent_saga"], row["parent_pending"]
+        return row[0], row[1]
 
     async def defer(self, conn: Connection, run_id: uuid.UUID, seconds: float) -> None:
         await conn.execute(self.sql_defer, run_id, seconds)
