@@ -28,6 +28,7 @@ from ..message import Message, Topic
 from ..saga import Saga
 from ..scope import Scope, _current
 from ..strategy import DEFAULT_STRATEGY, EventLoopStrategy, RunView
+from . import handover
 from .machine import (
     USER_CODE,
     Again,
@@ -113,6 +114,7 @@ class Advanced:
     again: bool = False  # this run is ready for its next step right away
     lineage: list[uuid.UUID] = field(default_factory=list)
     settled: Advanced | None = None  # the parent this transaction also finished (see settle)
+    next_tx: Transaction | None = None  # begun with the commit, for the next claim
 
     def chain(self) -> list[Advanced]:
         """This run's result and those of the ancestors settled in the same transaction."""
@@ -171,15 +173,18 @@ class Runner:
         self.log = log.bind()
         self.log_enabled = getattr(self.log, "is_enabled_for", None)
 
-    async def claim(self, conn: Connection, binding: Binding) -> Lease | None:
-        """Open a transaction on `conn` and lock one ready run of the saga in it.
+    async def claim(
+        self, conn: Connection, binding: Binding, tx: Transaction | None = None
+    ) -> Lease | None:
+        """Lock one ready run of the saga in `tx`, or in a transaction opened on `conn`.
 
         On success the transaction stays open for `advance`; otherwise it is closed.
         (asyncpg's Transaction object, not a bare BEGIN, so that user code can nest
         `async with scope.connection.transaction()` blocks.)
         """
-        tx = conn.transaction()
-        await tx.start()
+        if tx is None:
+            tx = conn.transaction()
+            await tx.start()
         try:
             # Counting past `instances` would not change what the worker does next.
             claimed = await self.store.claim(conn, binding.saga.name, binding.saga.instances + 1)
@@ -191,8 +196,18 @@ class Runner:
             return None
         return Lease(claimed, tx)
 
-    async def advance(self, conn: Connection, binding: Binding, lease: Lease) -> Advanced:
-        """Advance a run claimed by `claim` and commit (or roll back) its transaction."""
+    async def advance(
+        self,
+        conn: Connection,
+        binding: Binding,
+        lease: Lease,
+        then_claim: Callable[[Advanced], bool] | None = None,
+    ) -> Advanced:
+        """Advance a run claimed by `claim` and commit (or roll back) its transaction.
+
+        When `then_claim` says so, the commit also begins the transaction of the next
+        claim (`Advanced.next_tx`), in the same round trip.
+        """
         claimed = lease.claimed
         try:
             try:
@@ -202,7 +217,10 @@ class Runner:
                     await _rollback(lease.tx, conn)
                     raise
                 try:
-                    await lease.tx.commit()
+                    if handover.SUPPORTED and then_claim is not None and then_claim(advanced):
+                        advanced.next_tx = await handover.commit_and_begin(conn, lease.tx)
+                    else:
+                        await lease.tx.commit()
                 except asyncpg.PostgresError as exc:
                     # A deferred constraint the step's own writes broke: the step failed.
                     if isinstance(exc, DB_TRANSIENT) or not advanced.touched:

@@ -24,7 +24,7 @@ import anyio.abc
 import asyncpg
 import structlog
 
-from .runner import TRANSIENT, Binding, Lease, Runner
+from .runner import TRANSIENT, Advanced, Binding, Lease, Runner
 from .store import Store
 
 log = structlog.get_logger("scoopy")
@@ -292,16 +292,27 @@ class Worker:
         Claims made here run in parallel across executors; the claimer only starts them.
         """
         advanced = None
+
+        def more(done: Advanced) -> bool:
+            return not self.stopping and (done.again or done.ready > slots.active)
+
+        def then_claim(done: Advanced) -> bool:
+            # A connection user code touched goes back to the pool for a reset first.
+            return more(done) and not done.touched
+
         try:
             while lease is not None:
-                advanced = await self.runner.advance(conn, slots.binding, lease)
-                if self.stopping or not (advanced.again or advanced.ready > slots.active):
+                advanced = await self.runner.advance(conn, slots.binding, lease, then_claim)
+                next_tx, advanced.next_tx = advanced.next_tx, None
+                if not more(advanced):
+                    if next_tx is not None:
+                        await next_tx.rollback()  # stopping began during the commit
                     break
                 if advanced.touched:
                     await self._release(conn, dirty=True)
                     conn = await self.pool.acquire()
                     advanced = None
-                lease = await self.runner.claim(conn, slots.binding)
+                lease = await self.runner.claim(conn, slots.binding, next_tx)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:

@@ -1,0 +1,154 @@
+"""COMMIT; BEGIN in one round trip: asyncpg's bookkeeping stays right, on success and failure."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from scoopy import Cooperation, Message, Saga, Scope
+from scoopy.engine import handover
+from scoopy.engine.store import Connection
+
+from .helpers import WAIT
+
+
+class Inner(Exception):
+    pass
+
+
+def test_the_installed_asyncpg_supports_the_handover() -> None:
+    # If an asyncpg upgrade changes its Transaction internals, workers silently fall back
+    # to two round trips; this makes that loud instead.
+    assert handover.SUPPORTED
+
+
+@contextlib.asynccontextmanager
+async def _connection(dsn: str, schema: str, pooled: bool) -> AsyncIterator[Connection]:
+    if not pooled:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f'SET search_path TO "{schema}"')
+            yield conn
+        finally:
+            await conn.close()
+        return
+    async with asyncpg.create_pool(dsn, min_size=1, max_size=1) as pool, pool.acquire() as proxy:
+        await proxy.execute(f'SET search_path TO "{schema}"')
+        yield proxy
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["connection", "pool proxy"])
+async def test_the_begun_transaction_nests_savepoints_and_commits(
+    dsn: str, db: asyncpg.Connection[asyncpg.Record], schema: str, pooled: bool
+) -> None:
+    await db.execute("CREATE TABLE t (n int)")
+    async with _connection(dsn, schema, pooled) as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("INSERT INTO t VALUES (1)")
+        nxt = await handover.commit_and_begin(conn, tx)
+
+        assert conn.is_in_transaction()
+        assert await db.fetchval("SELECT array_agg(n) FROM t") == [1]  # 1 is committed
+        await conn.execute("INSERT INTO t VALUES (2)")
+        with contextlib.suppress(Inner):
+            async with conn.transaction():  # a savepoint inside the begun transaction
+                await conn.execute("INSERT INTO t VALUES (3)")
+                raise Inner
+        async with conn.transaction():
+            await conn.execute("INSERT INTO t VALUES (4)")
+        assert await db.fetchval("SELECT array_agg(n) FROM t") == [1]  # not yet committed
+        await nxt.commit()
+
+        assert not conn.is_in_transaction()
+        assert await db.fetchval("SELECT array_agg(n ORDER BY n) FROM t") == [1, 2, 4]
+        with pytest.raises(asyncpg.InterfaceError, match="already committed"):
+            await tx.commit()
+        async with conn.transaction():  # the connection takes new transactions as usual
+            await conn.execute("INSERT INTO t VALUES (5)")
+    assert await db.fetchval("SELECT count(*) FROM t") == 4
+
+
+async def test_a_failed_commit_begins_nothing_and_leaves_the_connection_usable(
+    dsn: str, db: asyncpg.Connection[asyncpg.Record], schema: str
+) -> None:
+    await db.execute("CREATE TABLE u (n int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    async with _connection(dsn, schema, pooled=False) as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("INSERT INTO u VALUES (1), (1)")  # checked at COMMIT
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await handover.commit_and_begin(conn, tx)
+
+        assert not conn.is_in_transaction()
+        with pytest.raises(asyncpg.InterfaceError, match="error state"):
+            await tx.commit()
+        async with conn.transaction():
+            await conn.execute("INSERT INTO u VALUES (2)")
+    assert await db.fetchval("SELECT array_agg(n) FROM u") == [2]
+
+
+async def test_only_the_open_top_transaction_can_be_handed_over(
+    dsn: str, db: asyncpg.Connection[asyncpg.Record], schema: str
+) -> None:
+    async with _connection(dsn, schema, pooled=False) as conn:
+        tx = conn.transaction()
+        with pytest.raises(RuntimeError, match="open top transaction"):
+            await handover.commit_and_begin(conn, tx)  # never started
+        await tx.start()
+        inner = conn.transaction()
+        await inner.start()
+        with pytest.raises(RuntimeError, match="open top transaction"):
+            await handover.commit_and_begin(conn, inner)  # a savepoint
+        await inner.rollback()
+        await tx.rollback()
+
+
+async def test_steps_claimed_in_a_handed_over_transaction_nest_savepoints(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await db.execute("CREATE TABLE audit (run int, what text)")
+    real = handover.commit_and_begin
+    handed: list[int] = []
+
+    async def counting(conn: Connection, tx: Any) -> Any:
+        handed.append(1)
+        return await real(conn, tx)
+
+    monkeypatch.setattr(handover, "commit_and_begin", counting)
+    saga = Saga("audited")
+
+    @saga.step()
+    async def first(scope: Scope, message: Message[Any]) -> None:
+        pass  # leaves the connection untouched: the worker may hand its commit over
+
+    @saga.step()
+    async def second(scope: Scope, message: Message[Any]) -> None:
+        conn = scope.connection
+        await conn.execute(f'INSERT INTO "{schema}".audit VALUES ($1, $2)', message.payload, "kept")
+        with contextlib.suppress(Inner):
+            async with conn.transaction():
+                await conn.execute(
+                    f'INSERT INTO "{schema}".audit VALUES ($1, $2)', message.payload, "undone"
+                )
+                raise Inner
+
+    runs = 20
+    async with make_coop() as coop:
+        schema = coop.schema
+        coop.subscribe("audits", saga)
+        await coop.pause(saga)
+        handles = [await coop.launch("audits", n) for n in range(runs)]
+        await coop.resume(saga)
+        outcomes = [await h.wait(timeout=WAIT) for h in handles]
+
+    assert {o.status for o in outcomes} == {"committed"}
+    assert handed, "no step transaction was handed over"
+    rows = await db.fetch("SELECT run, what FROM audit ORDER BY run")
+    assert [(r["run"], r["what"]) for r in rows] == [(n, "kept") for n in range(runs)]
