@@ -1257,6 +1257,54 @@ async def test_keyed_launches_in_process_and_inside_a_step_happen_once(
     assert await db.fetchval("SELECT count(*) FROM message WHERE topic = 'keyed-kid'") == 1
 
 
+async def test_two_steps_launching_one_key_at_once_both_get_the_message_that_exists(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+) -> None:
+    """The second step's `scope.launch(key=)` waits for the first step's transaction, then
+    returns the message it committed (not an id of its own that was never stored)."""
+    first_in, second_in, release = anyio.Event(), anyio.Event(), anyio.Event()
+    ids: dict[str, uuid.UUID] = {}
+    racer = Saga("racer", instances=2)
+
+    @racer.step()
+    async def launch(scope: Scope, message: Message[Any]) -> None:
+        if not first_in.is_set():
+            first_in.set()
+            ids["first"] = (await scope.launch("raced", {}, key="one-key")).id
+            await release.wait()  # holds its transaction open
+        else:
+            second_in.set()
+            ids["second"] = (await scope.launch("raced", {}, key="one-key")).id
+
+    kid = Saga("raced-kid")
+
+    @kid.step()
+    async def play(scope: Scope, message: Message[Any]) -> None:
+        pass
+
+    async def second_waits_or_returned() -> bool:
+        waiting = await db.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        return "second" in ids or waiting > 0
+
+    async with make_coop() as coop:
+        coop.subscribe("racing", racer)
+        coop.subscribe("raced", kid)
+        await coop.pause(racer)
+        handles = [await coop.launch("racing", {"n": n}) for n in range(2)]
+        await coop.resume(racer)
+        with anyio.fail_after(WAIT):
+            await second_in.wait()
+        await eventually(second_waits_or_returned)
+        release.set()
+        outcomes = [await h.wait(timeout=WAIT) for h in handles]
+
+    assert [o.status for o in outcomes] == ["committed", "committed"]
+    assert ids["second"] == ids["first"]
+    stored = await db.fetch("SELECT id FROM message WHERE topic = 'raced'")
+    assert [row["id"] for row in stored] == [ids["first"]]
+
+
 # -- 10. / 11. guards ---------------------------------------------------------------------
 
 

@@ -533,6 +533,9 @@ class _Advance:
         return await self.store.saga_in_lineage(self.conn, self.run.lineage, self.saga.name)
 
     async def message_by_key(self, key: str) -> uuid.UUID | None:
+        # Until this transaction ends, another step launching the same key waits here and
+        # then finds this step's message, instead of returning an id that is never stored.
+        await self.store.lock(self.conn, "key:" + key)
         return await self.store.message_by_key(self.conn, key)
 
     # -- user code -------------------------------------------------------------------------
