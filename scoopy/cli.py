@@ -189,7 +189,7 @@ async def _rollback(args: argparse.Namespace) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    await run_demo(args.dsn)
+    await run_demo(args.dsn, args.schema)
     return 0
 
 

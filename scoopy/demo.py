@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -68,10 +69,14 @@ def build() -> list[tuple[str, Saga]]:
     return sagas
 
 
-async def run_demo(dsn: str | None = None) -> None:
+async def run_demo(dsn: str | None = None, schema: str | None = None) -> None:
+    """Run the demo on `dsn` ($SCOOPY_DSN, else embedded) in `schema` ($SCOOPY_SCHEMA, else
+    scoopy_demo, so that it never mixes with an application's runs)."""
     global _started
-    print("scoopy demo: starting PostgreSQL" + ("" if dsn else " (embedded)") + "...", flush=True)
-    async with Cooperation(dsn, schema="scoopy_demo") as coop:
+    where = "" if dsn or os.environ.get("SCOOPY_DSN") else " (embedded)"
+    print(f"scoopy demo: starting PostgreSQL{where}...", flush=True)
+    schema = schema or os.environ.get("SCOOPY_SCHEMA") or "scoopy_demo"
+    async with Cooperation(dsn, schema=schema) as coop:
         for topic, saga in build():
             coop.subscribe(topic, saga)
         print("     time  saga             step           what happened", flush=True)
@@ -82,5 +87,6 @@ async def run_demo(dsn: str | None = None) -> None:
         print(f"\nhierarchy {handle.id} {outcome.status} in {elapsed:.1f} ms", flush=True)
         events = await coop.events(handle.id)
         print(
-            f"event log: {len(events)} events, see `scoopy --schema scoopy_demo trace {handle.id}`"
+            f"event log: {len(events)} events, "
+            f"see `scoopy --schema {coop.schema} trace {handle.id}`"
         )
