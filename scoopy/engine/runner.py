@@ -168,6 +168,7 @@ class Runner:
         self.bindings = bindings if bindings is not None else {}
         self.on_committed = on_committed
         self._strikes: dict[uuid.UUID, int] = {}
+        self._planned: set[int] = set()  # backends whose claim plan was built (plan_claim)
         # Bound once: binding per step was a measurable cost. (Configure structlog before
         # starting the Cooperation, as the CLI does.)
         self.log = log.bind()
@@ -186,6 +187,10 @@ class Runner:
             tx = conn.transaction()
             await tx.start()
         try:
+            backend = conn.get_server_pid()
+            if backend not in self._planned:
+                await self.store.plan_claim(conn)
+                self._planned.add(backend)
             # Counting past `instances` would not change what the worker does next.
             claimed = await self.store.claim(conn, binding.saga.name, binding.saga.instances + 1)
         except BaseException:

@@ -214,6 +214,15 @@ class Store:
                    FOR UPDATE SKIP LOCKED"""
         )
         self.sql_reclaim = claim("WHERE id = $1 FOR UPDATE")
+        # A connection's first claim builds the generic plan it keeps until the tables are
+        # ANALYZEd. Built on a table still small (a fresh deployment), that plan sorted every
+        # ready run for each claim; built with these off, it walks run_ready_idx in order,
+        # whatever the statistics say. Set and reset inside the claim's own transaction.
+        self.sql_plan_by_index = (
+            "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; "
+            "SET LOCAL enable_seqscan = off"
+        )
+        self.sql_plan_reset = "RESET enable_sort; RESET enable_bitmapscan; RESET enable_seqscan"
 
         self.sql_emit = f"""
             WITH m AS (
@@ -637,6 +646,14 @@ class Store:
         if row is None:
             return None
         return Claimed(*row)
+
+    async def plan_claim(self, conn: Connection) -> None:
+        """Have this connection plan `sql_claim` as an index walk (see `sql_plan_by_index`)."""
+        await conn.execute(self.sql_plan_by_index)
+        try:
+            await conn.fetchrow(self.sql_claim, "", 0)  # no saga has an empty name
+        finally:
+            await conn.execute(self.sql_plan_reset)
 
     async def reclaim(self, conn: Connection, run_id: uuid.UUID) -> Claimed | None:
         """Lock one run by id, waiting for whoever holds it."""
