@@ -26,6 +26,9 @@ class Settings:
     quick: bool = False
     seed: int = 1
     reps: int = 3
+    # flat / ceiling sits closest to its target and swings most with the host's noise:
+    # its three measurements get more repetitions (`--reps` sets both).
+    ratio_reps: int = 5
     # How many step transactions scoopy may have in flight: every saga's `instances`, and
     # (plus a few for polling and launching) the pool size; the ceiling uses as many
     # connections, the DBOS comparison as many hierarchies in flight.
@@ -55,6 +58,7 @@ class Settings:
 
 QUICK = {
     "reps": 1,
+    "ratio_reps": 1,
     "warmup": 20,
     "ceiling_transactions": 5_000,
     "flat_roots": 1_000,
@@ -70,4 +74,6 @@ QUICK = {
 def build(quick: bool, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(QUICK) if quick else {}
     values.update({key: value for key, value in overrides.items() if value is not None})
+    if overrides.get("reps") is not None:
+        values["ratio_reps"] = overrides["reps"]
     return Settings(quick=quick, **values)

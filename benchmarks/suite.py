@@ -151,7 +151,7 @@ class Suite:
         ratios: list[float] = []
         folded_ratios: list[float] = []
         kinds = ["ceiling", "flat", "ceiling_folded"]
-        for rep in self.reps():
+        for rep in range(s.ratio_reps):
             order = kinds[rep % 3 :] + kinds[: rep % 3]  # each goes first once in 3 reps
             measured: dict[str, float] = {}
             for which in order:
