@@ -117,9 +117,9 @@ async def test_steps_claimed_in_a_handed_over_transaction_nest_savepoints(
     real = handover.commit_and_begin
     handed: list[int] = []
 
-    async def counting(conn: Connection, tx: Any) -> Any:
+    async def counting(conn: Connection, tx: Any, reset: bool = False) -> Any:
         handed.append(1)
-        return await real(conn, tx)
+        return await real(conn, tx, reset)
 
     monkeypatch.setattr(handover, "commit_and_begin", counting)
     saga = Saga("audited")
@@ -152,3 +152,50 @@ async def test_steps_claimed_in_a_handed_over_transaction_nest_savepoints(
     assert handed, "no step transaction was handed over"
     rows = await db.fetch("SELECT run, what FROM audit ORDER BY run")
     assert [(r["run"], r["what"]) for r in rows] == [(n, "kept") for n in range(runs)]
+
+
+async def test_a_step_that_used_the_connection_hands_over_a_reset_session(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session state a step left behind is gone when the next claim runs on its connection."""
+    real = handover.commit_and_begin
+    resets: list[bool] = []
+
+    async def counting(conn: Connection, tx: Any, reset: bool = False) -> Any:
+        resets.append(reset)
+        return await real(conn, tx, reset)
+
+    monkeypatch.setattr(handover, "commit_and_begin", counting)
+    seen: list[tuple[str, int, int]] = []
+    saga = Saga("messy")
+
+    @saga.step()
+    async def dirty(scope: Scope, message: Message[Any]) -> None:
+        conn = scope.connection
+        await conn.execute("SET application_name = 'left-behind'")
+        await conn.execute("SELECT pg_advisory_lock(4242)")
+        await conn.execute("LISTEN left_behind")
+        conn.add_log_listener(lambda *_: None)
+
+    @saga.step()
+    async def check(scope: Scope, message: Message[Any]) -> None:
+        conn = scope.connection
+        row = await conn.fetchrow(
+            """SELECT current_setting('application_name') AS app,
+                      (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid()
+                          AND locktype = 'advisory' AND objid = 4242) AS locks,
+                      (SELECT count(*) FROM pg_listening_channels()) AS channels"""
+        )
+        assert row is not None
+        seen.append((row["app"], row["locks"], row["channels"]))
+
+    async with make_coop() as coop:
+        coop.subscribe("mess", saga)
+        handles = [await coop.launch("mess", n) for n in range(10)]
+        outcomes = [await h.wait(timeout=WAIT) for h in handles]
+
+    assert {o.status for o in outcomes} == {"committed"}
+    assert True in resets, "no step that used its connection was handed over"
+    assert seen == [("scoopy", 0, 0)] * 10

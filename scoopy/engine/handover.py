@@ -13,6 +13,13 @@ and registered as the connection's top transaction, exactly as `Transaction.comm
 `Transaction.start()` leave them. `SUPPORTED` is false when the installed asyncpg does not
 look the way this expects; the worker then commits and begins in two round trips.
 tests/test_handover.py checks that it is true with the pinned asyncpg.
+
+A step whose code used `scope.connection` may have left session state behind (settings,
+LISTEN, session advisory locks, cursors). Its connection used to go back to the pool for
+asyncpg's reset: three more round trips. With `reset`, asyncpg's own reset query runs
+before the COMMIT, in the same round trip: inside the committing transaction, so that its
+transactional parts (UNLISTEN, RESET ALL) take effect with it, and the callbacks user code
+registered on the connection are dropped as asyncpg's pool does on release.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from .store import Connection
 QUERY = "COMMIT; BEGIN"
 SUPPORTED = (
     {"_state", "_nested", "_connection"} <= set(getattr(Transaction, "__slots__", ()))
-    and "_top_xact" in getattr(asyncpg.Connection, "__slots__", ())
+    and {"_top_xact", "_listeners", "_log_listeners"}
+    <= set(getattr(asyncpg.Connection, "__slots__", ()))
     and "_con" in getattr(PoolConnectionProxy, "__slots__", ())
     and hasattr(TransactionState, "STARTED")
 )
@@ -39,20 +47,27 @@ def _raw(conn: Connection) -> Any:
     return getattr(conn, "_con") if isinstance(conn, PoolConnectionProxy) else conn  # noqa: B009
 
 
-async def commit_and_begin(conn: Connection, tx: Transaction) -> Transaction:
-    """Commit `tx`, the connection's top transaction, and return a started new one."""
+async def commit_and_begin(conn: Connection, tx: Transaction, reset: bool = False) -> Transaction:
+    """Commit `tx`, the connection's top transaction, and return a started new one.
+
+    With `reset`, the session is reset first, as asyncpg's pool resets a released connection.
+    """
     raw = _raw(conn)
     if raw._top_xact is not tx or tx._state is not TransactionState.STARTED:
         raise RuntimeError("commit_and_begin needs the connection's open top transaction")
+    query = f"{raw.get_reset_query()}\n{QUERY}" if reset else QUERY
     raw._top_xact = None
     try:
-        await raw.execute(QUERY)
+        await raw.execute(query)
     except BaseException:
         # As Transaction.commit() leaves it. A COMMIT that failed ended the transaction
         # and skipped the BEGIN; a lost connection ends both.
         tx._state = TransactionState.FAILED
         raise
     tx._state = TransactionState.COMMITTED
+    if reset:
+        raw._listeners.clear()
+        raw._log_listeners.clear()
     nxt = raw.transaction()
     nxt._state = TransactionState.STARTED
     raw._top_xact = nxt

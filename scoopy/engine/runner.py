@@ -211,7 +211,8 @@ class Runner:
         """Advance a run claimed by `claim` and commit (or roll back) its transaction.
 
         When `then_claim` says so, the commit also begins the transaction of the next
-        claim (`Advanced.next_tx`), in the same round trip.
+        claim (`Advanced.next_tx`), in the same round trip, resetting the session first if
+        user code used the connection.
         """
         claimed = lease.claimed
         try:
@@ -223,7 +224,10 @@ class Runner:
                     raise
                 try:
                     if handover.SUPPORTED and then_claim is not None and then_claim(advanced):
-                        advanced.next_tx = await handover.commit_and_begin(conn, lease.tx)
+                        advanced.next_tx = await handover.commit_and_begin(
+                            conn, lease.tx, reset=advanced.touched
+                        )
+                        advanced.touched = False  # its session state was reset with the commit
                     else:
                         await lease.tx.commit()
                 except asyncpg.PostgresError as exc:

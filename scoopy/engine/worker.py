@@ -296,19 +296,15 @@ class Worker:
         def more(done: Advanced) -> bool:
             return not self.stopping and (done.again or done.ready > slots.active)
 
-        def then_claim(done: Advanced) -> bool:
-            # A connection user code touched goes back to the pool for a reset first.
-            return more(done) and not done.touched
-
         try:
             while lease is not None:
-                advanced = await self.runner.advance(conn, slots.binding, lease, then_claim)
+                advanced = await self.runner.advance(conn, slots.binding, lease, more)
                 next_tx, advanced.next_tx = advanced.next_tx, None
                 if not more(advanced):
                     if next_tx is not None:
                         await next_tx.rollback()  # stopping began during the commit
                     break
-                if advanced.touched:
+                if advanced.touched:  # not handed over: the pool resets the session
                     await self._release(conn, dirty=True)
                     conn = await self.pool.acquire()
                     advanced = None
