@@ -1514,6 +1514,50 @@ async def test_a_cancellation_during_a_step_stops_the_run_before_it_sleeps(
     assert "scoopy.CancellationRequested" in failure_types(outcome.failure)
 
 
+async def test_a_paused_parent_is_not_finished_by_its_last_childs_transaction(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+) -> None:
+    """A child finishing while its parent's saga is paused leaves the parent waiting: the
+    parent commits only after `resume`, not as bookkeeping in the child's transaction."""
+    started, release = anyio.Event(), anyio.Event()
+    parent = Saga("paused-parent")
+
+    @parent.step()
+    async def spawn(scope: Scope, message: Message[Any]) -> None:
+        await scope.launch("slow-kid", {})
+
+    kid = Saga("slow-kid")
+
+    @kid.step()
+    async def work(scope: Scope, message: Message[Any]) -> None:
+        started.set()
+        await release.wait()
+
+    async with make_coop() as coop:
+        coop.subscribe("paused-parents", parent)
+        coop.subscribe("slow-kid", kid)
+        handle = await coop.launch("paused-parents", {})
+        with anyio.fail_after(WAIT):
+            await started.wait()
+        await coop.pause(parent)
+        release.set()
+
+        async def kid_done() -> bool:
+            return has(await coop.events(handle.id), "COMMITTED", "slow-kid")
+
+        await until(kid_done)
+        assert not has(await coop.events(handle.id), "COMMITTED", "paused-parent")
+        resumed = await db_now(db)
+        await coop.resume(parent)
+        outcome = await handle.wait(timeout=WAIT)
+        events = await coop.events(handle.id)
+
+    assert outcome.status == "committed", outcome.failure
+    done = [e for e in events if e.type == "COMMITTED" and e.saga == "paused-parent"]
+    assert len(done) == 1 and done[0].time >= resumed
+
+
 async def test_pause_and_resume_from_another_process_reach_the_worker(
     make_coop: Callable[..., Cooperation],
     db: asyncpg.Connection[asyncpg.Record],

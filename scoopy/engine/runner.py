@@ -852,8 +852,9 @@ class _Advance:
         binding = self.runner.bindings.get(saga)
         if binding is None or self.settling >= SETTLE_DEPTH or self.run.parent_id is None:
             return None
-        # This transaction updated the parent row: the lock is ours already.
-        parent = await self.store.reclaim(self.conn, self.run.parent_id)
+        # This transaction updated the parent row: the lock is ours already. A paused
+        # saga's runs wait for `resume`, bookkeeping included.
+        parent = await self.store.reclaim(self.conn, self.run.parent_id, unless_paused=True)
         if parent is None or parent.pending or parent.failed or parent.rollback_request:
             return None
         sub = _Advance(self.runner, self.conn, binding, parent, settling=self.settling + 1)

@@ -214,6 +214,12 @@ class Store:
                    FOR UPDATE SKIP LOCKED"""
         )
         self.sql_reclaim = claim("WHERE id = $1 FOR UPDATE")
+        # A parent settled in its last child's transaction, unless its saga is paused.
+        self.sql_reclaim_unpaused = claim(
+            f"""WHERE id = $1
+                   AND NOT EXISTS (SELECT 1 FROM {q}.paused_saga p WHERE p.saga = run.saga)
+                   FOR UPDATE"""
+        )
         # A connection's first claim builds the generic plan it keeps until the tables are
         # ANALYZEd. Built on a table still small (a fresh deployment), that plan sorted every
         # ready run for each claim; built with these off, it walks run_ready_idx in order,
@@ -655,9 +661,13 @@ class Store:
         finally:
             await conn.execute(self.sql_plan_reset)
 
-    async def reclaim(self, conn: Connection, run_id: uuid.UUID) -> Claimed | None:
-        """Lock one run by id, waiting for whoever holds it."""
-        row = await conn.fetchrow(self.sql_reclaim, run_id, 1)
+    async def reclaim(
+        self, conn: Connection, run_id: uuid.UUID, unless_paused: bool = False
+    ) -> Claimed | None:
+        """Lock one run by id, waiting for whoever holds it; None if it is gone (or, with
+        `unless_paused`, if its saga is paused)."""
+        sql = self.sql_reclaim_unpaused if unless_paused else self.sql_reclaim
+        row = await conn.fetchrow(sql, run_id, 1)
         return None if row is None else Claimed(*row)
 
     async def emit(
