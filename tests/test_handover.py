@@ -199,3 +199,59 @@ async def test_a_step_that_used_the_connection_hands_over_a_reset_session(
     assert {o.status for o in outcomes} == {"committed"}
     assert True in resets, "no step that used its connection was handed over"
     assert seen == [("scoopy", 0, 0)] * 10
+
+
+@pytest.mark.parametrize("handing_over", [False, True], ids=["two round trips", "handover"])
+async def test_commit_time_triggers_see_the_settings_of_a_step_that_used_its_connection(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+    monkeypatch: pytest.MonkeyPatch,
+    handing_over: bool,
+) -> None:
+    """The session reset of a handover comes after the step's COMMIT, not before it."""
+    monkeypatch.setattr(handover, "SUPPORTED", handing_over)
+    real = handover.commit_and_begin
+    resets: list[bool] = []
+
+    async def counting(conn: Connection, tx: Any, reset: bool = False) -> Any:
+        resets.append(reset)
+        return await real(conn, tx, reset)
+
+    monkeypatch.setattr(handover, "commit_and_begin", counting)
+    schema = await db.fetchval("SELECT current_schema()")
+    await db.execute("CREATE TABLE thing (n int)")
+    await db.execute("CREATE TABLE audit (n int, actor text)")
+    await db.execute(
+        f"""CREATE FUNCTION record_actor() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              INSERT INTO "{schema}".audit VALUES (NEW.n, current_setting('app.actor', true));
+              RETURN NULL;
+            END $$"""
+    )
+    await db.execute(
+        """CREATE CONSTRAINT TRIGGER audit_at_commit AFTER INSERT ON thing
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION record_actor()"""
+    )
+    saga = Saga("audited-at-commit")
+
+    @saga.step()
+    async def write(scope: Scope, message: Message[Any]) -> None:
+        await scope.connection.execute("SET app.actor = 'alice'")
+        await scope.connection.execute(f'INSERT INTO "{schema}".thing VALUES ($1)', message.payload)
+
+    @saga.step()
+    async def after(scope: Scope, message: Message[Any]) -> None:
+        pass
+
+    runs = 10
+    async with make_coop() as coop:
+        coop.subscribe("things", saga)
+        await coop.pause(saga)
+        handles = [await coop.launch("things", n) for n in range(runs)]
+        await coop.resume(saga)
+        outcomes = [await h.wait(timeout=WAIT) for h in handles]
+
+    assert {o.status for o in outcomes} == {"committed"}
+    assert (True in resets) == handing_over
+    rows = await db.fetch("SELECT n, actor FROM audit ORDER BY n")
+    assert [(r["n"], r["actor"]) for r in rows] == [(n, "alice") for n in range(runs)]

@@ -16,10 +16,12 @@ tests/test_handover.py checks that it is true with the pinned asyncpg.
 
 A step whose code used `scope.connection` may have left session state behind (settings,
 LISTEN, session advisory locks, cursors). Its connection used to go back to the pool for
-asyncpg's reset: three more round trips. With `reset`, asyncpg's own reset query runs
-before the COMMIT, in the same round trip: inside the committing transaction, so that its
-transactional parts (UNLISTEN, RESET ALL) take effect with it, and the callbacks user code
-registered on the connection are dropped as asyncpg's pool does on release.
+asyncpg's reset: three more round trips. With `reset`, asyncpg's own reset query runs in
+the same round trip, after the COMMIT (deferred triggers must see the step's settings, and
+a session lock must not be released before the step's writes are visible) and in a
+transaction of its own (in the claim's, an empty claim's ROLLBACK would undo UNLISTEN and
+RESET ALL). The callbacks user code registered on the connection are dropped, as asyncpg's
+pool does on release.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ async def commit_and_begin(conn: Connection, tx: Transaction, reset: bool = Fals
     raw = _raw(conn)
     if raw._top_xact is not tx or tx._state is not TransactionState.STARTED:
         raise RuntimeError("commit_and_begin needs the connection's open top transaction")
-    query = f"{raw.get_reset_query()}\n{QUERY}" if reset else QUERY
+    query = f"{QUERY};\n{raw.get_reset_query()}\n{QUERY}" if reset else QUERY
     raw._top_xact = None
     try:
         await raw.execute(query)
