@@ -1261,21 +1261,21 @@ async def test_two_steps_launching_one_key_at_once_both_get_the_message_that_exi
     make_coop: Callable[..., Cooperation],
     db: asyncpg.Connection[asyncpg.Record],
 ) -> None:
-    """The second step's `scope.launch(key=)` waits for the first step's transaction, then
-    returns the message it committed (not an id of its own that was never stored)."""
-    first_in, second_in, release = anyio.Event(), anyio.Event(), anyio.Event()
-    ids: dict[str, uuid.UUID] = {}
+    """The step whose keyed launch loses the race is run again and gets the winner's
+    message: no committed step ever saw an id that was not stored."""
+    await db.execute("CREATE TABLE seen (run int, id uuid)")
+    first_in, release = anyio.Event(), anyio.Event()
     racer = Saga("racer", instances=2)
 
     @racer.step()
     async def launch(scope: Scope, message: Message[Any]) -> None:
-        if not first_in.is_set():
+        got = (await scope.launch("raced", {}, key="one-key")).id
+        await scope.connection.execute(
+            f'INSERT INTO "{scope_schema}".seen VALUES ($1, $2)', message.payload["n"], got
+        )
+        if message.payload["n"] == 0 and not first_in.is_set():
             first_in.set()
-            ids["first"] = (await scope.launch("raced", {}, key="one-key")).id
-            await release.wait()  # holds its transaction open
-        else:
-            second_in.set()
-            ids["second"] = (await scope.launch("raced", {}, key="one-key")).id
+            await release.wait()  # holds its transaction open while run 1 launches the key
 
     kid = Saga("raced-kid")
 
@@ -1283,26 +1283,55 @@ async def test_two_steps_launching_one_key_at_once_both_get_the_message_that_exi
     async def play(scope: Scope, message: Message[Any]) -> None:
         pass
 
-    async def second_waits_or_returned() -> bool:
-        waiting = await db.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted")
-        return "second" in ids or waiting > 0
-
     async with make_coop() as coop:
+        scope_schema = coop.schema
         coop.subscribe("racing", racer)
         coop.subscribe("raced", kid)
-        await coop.pause(racer)
-        handles = [await coop.launch("racing", {"n": n}) for n in range(2)]
-        await coop.resume(racer)
+        first = await coop.launch("racing", {"n": 0})
         with anyio.fail_after(WAIT):
-            await second_in.wait()
-        await eventually(second_waits_or_returned)
+            await first_in.wait()
+        second = await coop.launch("racing", {"n": 1})
+        assert (await second.wait(timeout=WAIT)).status == "committed"
         release.set()
-        outcomes = [await h.wait(timeout=WAIT) for h in handles]
+        assert (await first.wait(timeout=WAIT)).status == "committed"
 
-    assert [o.status for o in outcomes] == ["committed", "committed"]
-    assert ids["second"] == ids["first"]
     stored = await db.fetch("SELECT id FROM message WHERE topic = 'raced'")
-    assert [row["id"] for row in stored] == [ids["first"]]
+    assert len(stored) == 1
+    seen = await db.fetch("SELECT run, id FROM seen ORDER BY run")
+    assert [(row["run"], row["id"]) for row in seen] == [(0, stored[0]["id"]), (1, stored[0]["id"])]
+
+
+async def test_a_step_launching_a_key_that_an_outside_launch_takes_meanwhile_gets_that_one(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+) -> None:
+    """`coop.launch(key=)` committing while a step holds the same key, unstored, makes the
+    step run again; both end up with the one message that exists."""
+    ids: list[tuple[str, uuid.UUID]] = []
+    saga = Saga("launcher")
+
+    @saga.step()
+    async def launch(scope: Scope, message: Message[Any]) -> None:
+        mine = (await scope.launch("sunk", {"from": "step"}, key="K")).id
+        theirs = (await coop.launch("sunk", {"from": "outside"}, key="K")).id
+        ids.append((str(mine), theirs))
+
+    sink = Saga("sink")
+
+    @sink.step()
+    async def sunk(scope: Scope, message: Message[Any]) -> None:
+        pass
+
+    async with make_coop() as coop:
+        coop.subscribe("go", saga)
+        coop.subscribe("sunk", sink)
+        outcome = await (await coop.launch("go", {})).wait(timeout=WAIT)
+
+    assert outcome.status == "committed", outcome.failure
+    stored = await db.fetch("SELECT id FROM message WHERE key = 'K'")
+    assert len(stored) == 1
+    mine, theirs = ids[-1]  # the attempt that committed
+    assert uuid.UUID(mine) == theirs == stored[0]["id"]
 
 
 # -- 10. / 11. guards ---------------------------------------------------------------------

@@ -70,7 +70,20 @@ DB_TRANSIENT: tuple[type[BaseException], ...] = (
 # Around scoopy's own statements, a lost socket or a timeout is transient too. (Raised by
 # user code, the same exceptions are business failures: an HTTP client's ConnectionError
 # is the step's failure, not the database's.)
-TRANSIENT: tuple[type[BaseException], ...] = (*DB_TRANSIENT, ConnectionError, TimeoutError)
+
+
+class KeyRaced(Exception):
+    """A keyed launch of the step lost to a launch of the same key that committed while
+    the step ran: the id the step was given does not exist. The transaction is abandoned
+    and the step run again, when the launch finds the winner's message."""
+
+
+TRANSIENT: tuple[type[BaseException], ...] = (
+    *DB_TRANSIENT,
+    ConnectionError,
+    TimeoutError,
+    KeyRaced,
+)
 
 _state_decoder = msgspec.json.Decoder(RunState)
 _state_encoder = msgspec.json.Encoder()
@@ -542,9 +555,6 @@ class _Advance:
         return await self.store.saga_in_lineage(self.conn, self.run.lineage, self.saga.name)
 
     async def message_by_key(self, key: str) -> uuid.UUID | None:
-        # Until this transaction ends, another step launching the same key waits here and
-        # then finds this step's message, instead of returning an id that is never stored.
-        await self.store.lock(self.conn, "key:" + key)
         return await self.store.message_by_key(self.conn, key)
 
     # -- user code -------------------------------------------------------------------------
@@ -623,6 +633,9 @@ class _Advance:
             if isinstance(exc, DB_TRANSIENT):
                 raise
             raise _Redo(exc) from exc
+        for launch in scope.launches:
+            if launch.key is not None and launch.id not in inserted:
+                raise KeyRaced(f"launch key {launch.key!r} was taken while {self.source} ran")
         children = {launch.id for launch in scope.launches if launch.scoped}
         self.pending += sum(1 for message_id, _ in created if message_id in children)
         for _, saga in created:
