@@ -132,3 +132,30 @@ async def test_a_run_that_becomes_ready_while_every_slot_is_busy_starts_when_one
         release.set()
         assert (await first.wait(timeout=WAIT)).status == "committed"
         assert (await second.wait(timeout=WAIT)).status == "committed"
+
+
+async def test_a_run_whose_message_was_deleted_by_hand_does_not_hold_up_its_saga(
+    make_coop: Callable[..., Cooperation],
+    db: asyncpg.Connection[asyncpg.Record],
+) -> None:
+    """The oldest ready run's message is gone: that run is deferred, later runs go on."""
+    done: list[int] = []
+    saga = Saga("orphaned")
+
+    @saga.step()
+    async def step(scope: Scope, message: Message[Any]) -> None:
+        done.append(message.payload)
+
+    async with make_coop() as coop:
+        coop.subscribe("orphans", saga)
+        await coop.pause(saga)
+        broken = await coop.launch("orphans", 0)
+        await db.execute("DELETE FROM message WHERE id = $1", broken.id)
+        later = await coop.launch("orphans", 1)
+        await coop.resume(saga)
+        outcome = await later.wait(timeout=WAIT)
+        runs = await coop.runs(broken.id)
+
+    assert outcome.status == "committed"
+    assert done == [1]
+    assert [run.status for run in runs] == ["pending"]  # deferred, not lost

@@ -353,6 +353,12 @@ class _Advance:
         self.strategy = binding.strategy
         self.run = claimed
         self.source = f"{self.saga.name}[{claimed.id}]"
+        if claimed.topic is None or claimed.payload is None:
+            # Deleted by hand (nothing in scoopy deletes messages): this run cannot be
+            # advanced, and is deferred like any run that cannot, so others go on.
+            raise RuntimeError(f"the message {claimed.message_id} of run {self.source} is gone")
+        self.topic_name: str = claimed.topic
+        self.payload_text: str = claimed.payload
         self.machine = Machine(self.saga.steps, self.saga.name, self.source)
         self.context = CooperationContext.decode(claimed.context)
         self.cancellation = (
@@ -430,12 +436,12 @@ class _Advance:
         )
 
     def topic(self) -> Topic[Any]:
-        return self.binding.topic(self.run.topic)
+        return self.binding.topic(self.topic_name)
 
     def payload(self) -> Message[Any]:
         if self.message is None:
             self.message = Message(
-                self.run.message_id, self.run.topic, self.topic().decode(self.run.payload)
+                self.run.message_id, self.topic_name, self.topic().decode(self.payload_text)
             )
         return self.message
 

@@ -104,8 +104,8 @@ class Claimed:
     awaited: bool
     context: str | None
     rollback_request: str | None
-    topic: str
-    payload: str
+    topic: str | None  # None if the run's message was deleted by hand
+    payload: str | None
     cancellation: str | None
     now: datetime
     ready: int  # runs of this saga ready when claimed, this one and those held included (capped)
@@ -204,7 +204,7 @@ class Store:
                                            WHERE x.saga = r.saga
                                              AND x.ready_at <= clock_timestamp()
                                            LIMIT $2) AS x) AS ready
-              FROM r JOIN {q}.message m ON m.id = r.message_id"""
+              FROM r LEFT JOIN {q}.message m ON m.id = r.message_id"""
 
         self.sql_claim = claim(
             f"""WHERE saga = $1 AND ready_at <= clock_timestamp()
