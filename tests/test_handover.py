@@ -20,6 +20,29 @@ class Inner(Exception):
     pass
 
 
+async def run_backlog(coop: Cooperation, saga: Saga, topic: str, runs: int) -> set[str]:
+    """Queue `runs` runs of `saga` (paused meanwhile), let them go, return their statuses."""
+    coop.subscribe(topic, saga)
+    await coop.pause(saga)
+    handles = [await coop.launch(topic, n) for n in range(runs)]
+    await coop.resume(saga)
+    return {(await handle.wait(timeout=WAIT)).status for handle in handles}
+
+
+@pytest.fixture
+def handovers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each handover the worker makes, as its `reset` flag."""
+    real = handover.commit_and_begin
+    made: list[bool] = []
+
+    async def recording(conn: Connection, tx: Any, reset: bool = False) -> Any:
+        made.append(reset)
+        return await real(conn, tx, reset)
+
+    monkeypatch.setattr(handover, "commit_and_begin", recording)
+    return made
+
+
 def test_the_installed_asyncpg_supports_the_handover() -> None:
     # If an asyncpg upgrade changes its Transaction internals, workers silently fall back
     # to two round trips; this makes that loud instead.
@@ -111,17 +134,9 @@ async def test_only_the_open_top_transaction_can_be_handed_over(
 async def test_steps_claimed_in_a_handed_over_transaction_nest_savepoints(
     make_coop: Callable[..., Cooperation],
     db: asyncpg.Connection[asyncpg.Record],
-    monkeypatch: pytest.MonkeyPatch,
+    handovers: list[bool],
 ) -> None:
     await db.execute("CREATE TABLE audit (run int, what text)")
-    real = handover.commit_and_begin
-    handed: list[int] = []
-
-    async def counting(conn: Connection, tx: Any, reset: bool = False) -> Any:
-        handed.append(1)
-        return await real(conn, tx, reset)
-
-    monkeypatch.setattr(handover, "commit_and_begin", counting)
     saga = Saga("audited")
 
     @saga.step()
@@ -142,14 +157,9 @@ async def test_steps_claimed_in_a_handed_over_transaction_nest_savepoints(
     runs = 20
     async with make_coop() as coop:
         schema = coop.schema
-        coop.subscribe("audits", saga)
-        await coop.pause(saga)
-        handles = [await coop.launch("audits", n) for n in range(runs)]
-        await coop.resume(saga)
-        outcomes = [await h.wait(timeout=WAIT) for h in handles]
+        assert await run_backlog(coop, saga, "audits", runs) == {"committed"}
 
-    assert {o.status for o in outcomes} == {"committed"}
-    assert handed, "no step transaction was handed over"
+    assert handovers, "no step transaction was handed over"
     rows = await db.fetch("SELECT run, what FROM audit ORDER BY run")
     assert [(r["run"], r["what"]) for r in rows] == [(n, "kept") for n in range(runs)]
 
@@ -157,17 +167,9 @@ async def test_steps_claimed_in_a_handed_over_transaction_nest_savepoints(
 async def test_a_step_that_used_the_connection_hands_over_a_reset_session(
     make_coop: Callable[..., Cooperation],
     db: asyncpg.Connection[asyncpg.Record],
-    monkeypatch: pytest.MonkeyPatch,
+    handovers: list[bool],
 ) -> None:
     """Session state a step left behind is gone when the next claim runs on its connection."""
-    real = handover.commit_and_begin
-    resets: list[bool] = []
-
-    async def counting(conn: Connection, tx: Any, reset: bool = False) -> Any:
-        resets.append(reset)
-        return await real(conn, tx, reset)
-
-    monkeypatch.setattr(handover, "commit_and_begin", counting)
     seen: list[tuple[str, int, int]] = []
     saga = Saga("messy")
 
@@ -192,12 +194,9 @@ async def test_a_step_that_used_the_connection_hands_over_a_reset_session(
         seen.append((row["app"], row["locks"], row["channels"]))
 
     async with make_coop() as coop:
-        coop.subscribe("mess", saga)
-        handles = [await coop.launch("mess", n) for n in range(10)]
-        outcomes = [await h.wait(timeout=WAIT) for h in handles]
+        assert await run_backlog(coop, saga, "mess", 10) == {"committed"}
 
-    assert {o.status for o in outcomes} == {"committed"}
-    assert True in resets, "no step that used its connection was handed over"
+    assert True in handovers, "no step that used its connection was handed over"
     assert seen == [("scoopy", 0, 0)] * 10
 
 
@@ -206,18 +205,11 @@ async def test_commit_time_triggers_see_the_settings_of_a_step_that_used_its_con
     make_coop: Callable[..., Cooperation],
     db: asyncpg.Connection[asyncpg.Record],
     monkeypatch: pytest.MonkeyPatch,
+    handovers: list[bool],
     handing_over: bool,
 ) -> None:
     """The session reset of a handover comes after the step's COMMIT, not before it."""
     monkeypatch.setattr(handover, "SUPPORTED", handing_over)
-    real = handover.commit_and_begin
-    resets: list[bool] = []
-
-    async def counting(conn: Connection, tx: Any, reset: bool = False) -> Any:
-        resets.append(reset)
-        return await real(conn, tx, reset)
-
-    monkeypatch.setattr(handover, "commit_and_begin", counting)
     schema = await db.fetchval("SELECT current_schema()")
     await db.execute("CREATE TABLE thing (n int)")
     await db.execute("CREATE TABLE audit (n int, actor text)")
@@ -245,13 +237,8 @@ async def test_commit_time_triggers_see_the_settings_of_a_step_that_used_its_con
 
     runs = 10
     async with make_coop() as coop:
-        coop.subscribe("things", saga)
-        await coop.pause(saga)
-        handles = [await coop.launch("things", n) for n in range(runs)]
-        await coop.resume(saga)
-        outcomes = [await h.wait(timeout=WAIT) for h in handles]
+        assert await run_backlog(coop, saga, "things", runs) == {"committed"}
 
-    assert {o.status for o in outcomes} == {"committed"}
-    assert (True in resets) == handing_over
+    assert (True in handovers) == handing_over
     rows = await db.fetch("SELECT n, actor FROM audit ORDER BY n")
     assert [(r["n"], r["actor"]) for r in rows] == [(n, "alice") for n in range(runs)]
