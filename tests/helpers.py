@@ -7,12 +7,14 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 import pytest
 
-from scoopy import Event
+from scoopy import Event, Message, Saga, Scope
+from scoopy.saga import Step
 
 # Tests of the engine's semantics run twice: with LISTEN/NOTIFY and in poll-only mode.
 both_modes = pytest.mark.parametrize("listen", [True, False], ids=["listen", "poll"])
@@ -110,3 +112,17 @@ class WorkerProcess:
                 self.process.kill()
                 await self.process.wait()
         await self._tg.__aexit__(None, None, None)
+
+
+def logged(saga: Saga, name: str, log: list[str]) -> Step:
+    """Add step `name` to `saga`: it appends `name` to `log`, its compensation "un" + name."""
+
+    async def run(scope: Scope, message: Message[Any]) -> None:
+        log.append(name)
+
+    async def undo(scope: Scope, message: Message[Any], failure: BaseException) -> None:
+        log.append("un" + name)
+
+    step = saga.step(name)(run)
+    step.rollback(undo)
+    return step

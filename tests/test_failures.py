@@ -36,7 +36,7 @@ from scoopy import (
     deadline,
 )
 
-from .helpers import RECHECK, WAIT, WorkerProcess, both_modes, eventually, of_saga
+from .helpers import RECHECK, WAIT, WorkerProcess, both_modes, eventually, logged, of_saga
 
 MakeCoop = Callable[..., Cooperation]
 
@@ -898,13 +898,7 @@ async def test_failing_compensation_halts_the_child_and_the_parent_still_rolls_b
     log: list[str] = []
     parent = Saga("parent")
 
-    @parent.step()
-    async def prepare(scope: Scope, message: Message[Any]) -> None:
-        log.append("prepare")
-
-    @prepare.rollback
-    async def unprepare(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("unprepare")
+    logged(parent, "prepare", log)
 
     @parent.step()
     async def delegate(scope: Scope, message: Message[Any]) -> None:
@@ -1137,13 +1131,7 @@ async def test_cancelling_during_a_long_step_gives_up_at_the_check(
     proceed = anyio.Event()
     saga = Saga("report")
 
-    @saga.step()
-    async def gather(scope: Scope, message: Message[Any]) -> None:
-        log.append("gather")
-
-    @gather.rollback
-    async def ungather(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("ungather")
+    logged(saga, "gather", log)
 
     @saga.step()
     async def crunch(scope: Scope, message: Message[Any]) -> None:
@@ -2197,13 +2185,7 @@ async def test_give_up_if_needed_stops_a_long_step_when_its_happy_path_deadline_
     checks_passed: list[int] = []
     saga = Saga("report")
 
-    @saga.step()
-    async def gather(scope: Scope, message: Message[Any]) -> None:
-        log.append("gather")
-
-    @gather.rollback
-    async def ungather(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("ungather")
+    logged(saga, "gather", log)
 
     @saga.step()
     async def crunch(scope: Scope, message: Message[Any]) -> None:
@@ -2314,13 +2296,7 @@ async def test_finally_runs_once_when_the_step_itself_raises(
     log: list[str] = []
     job = Saga("big-computation")
 
-    @job.step()
-    async def book(scope: Scope, message: Message[Any]) -> None:
-        log.append("book")
-
-    @book.rollback
-    async def unbook(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("unbook")
+    logged(job, "book", log)
 
     @job.step()
     async def spin_up(scope: Scope, message: Message[Any]) -> None:
