@@ -1,7 +1,7 @@
 """scoopy: structured cooperation for Python services on PostgreSQL."""
 
 from .context import ContextKey, CooperationContext
-from .cooperation import Cooperation, Event, Outcome, RunHandle, RunSummary
+from .cooperation import Cooperation, RunHandle
 from .deadlines import (
     ABSOLUTE_DEADLINE,
     HAPPY_PATH_DEADLINE,
@@ -34,18 +34,22 @@ from .failure import (
     RollbackRequested,
 )
 from .message import Message, Topic
-from .periodic import Schedule
+from .periodic import CatchUp, Schedule
+from .results import Event, Outcome, RunInfo, RunSummary
 from .saga import NextStep, RetryPolicy, Saga, Step
 from .scope import Scope, current_scope
 from .strategy import EventLoopStrategy, RunView, TimeWindow
+from .vocab import Connection
 
 __all__ = [
     "ABSOLUTE_DEADLINE",
     "HAPPY_PATH_DEADLINE",
     "ROLLBACK_DEADLINE",
     "CancellationRequested",
+    "CatchUp",
     "ChildRollbackFailed",
     "ChildRolledBack",
+    "Connection",
     "ContextKey",
     "Cooperation",
     "CooperationContext",
@@ -71,6 +75,7 @@ __all__ = [
     "RollbackFailed",
     "RollbackRequested",
     "RunHandle",
+    "RunInfo",
     "RunSummary",
     "RunView",
     "Saga",

@@ -16,9 +16,11 @@ from typing import Any
 import anyio
 import structlog
 
-from .cooperation import Cooperation, RunInfo
+from .cooperation import Cooperation
+from .demo import run_demo
 from .engine import migrate as migrations
 from .errors import ScoopyError
+from .results import RunInfo
 
 EXIT_USAGE = 2
 
@@ -187,8 +189,6 @@ async def _rollback(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     await run_demo(args.dsn, args.schema)
     return 0
 

@@ -89,3 +89,20 @@ class Message(Generic[P]):
     id: uuid.UUID
     topic: str
     payload: P
+
+
+@dataclass(slots=True)
+class NewMessage:
+    """A message to insert: launched from a step (scoped or global) or from outside."""
+
+    id: uuid.UUID
+    root_id: uuid.UUID
+    topic: str
+    payload: str
+    context: str | None
+    instance: int | None  # the emitting step instance; None for a launch outside the hierarchy
+    key: str | None = None  # idempotency key: at most one message per key
+
+    @property
+    def scoped(self) -> bool:
+        return self.instance is not None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, overload
 
+from .context import ContextKey
 from .errors import SagaDefinitionError, check_name, check_step_name
 
 if TYPE_CHECKING:
@@ -123,8 +124,6 @@ class Step:
     async def _cleanup_once(self, scope: Scope, message: Message[Any]) -> None:
         # The marker lives in the run's context so that it travels into the rollback path;
         # its key names the run, so a parent's marker merged into a child never collides.
-        from .context import ContextKey
-
         done: ContextKey[list[str]] = ContextKey(f"scoopy.finally.{scope.run_id}", list[str])
         ran = scope.context.get(done, [])
         if self.name in ran:

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from .context import CooperationContext
 from .errors import HierarchyTooDeepError, RecursionLimitError
 from .ids import uuid7
-from .message import Message, Topic, as_topic
-
-if TYPE_CHECKING:
-    from .engine.store import Connection, NewMessage
+from .message import Message, NewMessage, Topic, as_topic
+from .vocab import Connection
 
 _current: ContextVar[Scope | None] = ContextVar("scoopy_scope", default=None)
 
@@ -25,6 +24,16 @@ def current_scope() -> Scope:
     if scope is None:
         raise LookupError("no scoopy step is running in this task")
     return scope
+
+
+@contextmanager
+def in_scope(scope: Scope) -> Iterator[None]:
+    """Make `scope` the current scope while user code runs (see `current_scope`)."""
+    token = _current.set(scope)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 # Keys are ContextKeys or strings (checked when set). Mapping's key type is invariant, so
@@ -185,8 +194,6 @@ class Scope:
         key: str | None,
         scoped: bool,
     ) -> Message[Any]:
-        from .engine.store import NewMessage
-
         message_id = uuid7()
         encoded = context.encode()
         self.launches.append(

@@ -9,9 +9,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from scoopy import Cooperation, Message, Saga, Scope
+from scoopy import Connection, Cooperation, Message, Saga, Scope
 from scoopy.engine import handover
-from scoopy.engine.store import Connection
 
 from .helpers import WAIT
 

@@ -32,7 +32,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction, TransactionState
 
-from .store import Connection
+from ..vocab import Connection
 
 QUERY = "COMMIT; BEGIN"
 SUPPORTED = (

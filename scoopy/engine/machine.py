@@ -10,6 +10,9 @@ A run is driven by the runner in a loop inside one transaction:
 
 `resume` is a pure function of the persisted state and the wake-up facts, so a run that
 stops between two actions (commit, crash) resumes exactly where it left off.
+
+(Over 600 lines on purpose: the whole machine reads and writes one `RunState`, and having
+every transition in one place is what lets it be checked against the seeds' orderings.)
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from ..errors import SchemaVersionError
-from .store import Connection, Store
+from ..vocab import Connection
+from .store import Store
 
 _FILE = re.compile(r"(\d+)_([A-Za-z0-9_]+)\.sql")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -24,7 +24,10 @@ import anyio.abc
 import asyncpg
 import structlog
 
-from .runner import TRANSIENT, Advanced, Binding, Lease, Runner
+from .database import Database
+from .faults import TRANSIENT
+from .records import AfterCommit, Binding, Lease
+from .runner import Runner
 from .store import Store
 
 log = structlog.get_logger("scoopy")
@@ -32,13 +35,12 @@ log = structlog.get_logger("scoopy")
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, asyncpg.PostgresError, *TRANSIENT)
 
 if TYPE_CHECKING:
-    ListenerFactory: TypeAlias = Callable[[], Awaitable[asyncpg.Connection[asyncpg.Record]]]
     Pooled: TypeAlias = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
 
 
 @dataclass
-class _Slots:
-    """A served saga: its claimer's wake-up and how many executors are running."""
+class ServedSaga:
+    """A saga this worker serves: its claimer's wake-up and how many executors run its steps."""
 
     binding: Binding
     wake: anyio.Event = field(default_factory=anyio.Event)
@@ -52,27 +54,22 @@ class Worker:
 
     def __init__(
         self,
-        pool: asyncpg.Pool[asyncpg.Record],
+        database: Database,
         store: Store,
         runner: Runner,
         *,
         listen: bool,
         poll_interval: float,
-        connect_listener: ListenerFactory,
         on_root_done: Callable[[uuid.UUID | None], None],
-        own_backends: set[int] | None = None,
-        dirty_backends: set[int] | None = None,
     ) -> None:
-        self.pool = pool
+        self.database = database
+        self.pool = database.pool
         self.store = store
         self.runner = runner
         self.listen = listen
         self.poll_interval = poll_interval
-        self.connect_listener = connect_listener
         self.on_root_done = on_root_done
-        self.own_backends = own_backends if own_backends is not None else set()
-        self.dirty_backends = dirty_backends if dirty_backends is not None else set()
-        self.slots: dict[str, _Slots] = {}
+        self.served: dict[str, ServedSaga] = {}
         self.stopping = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._poke = anyio.Event()
@@ -92,15 +89,15 @@ class Worker:
             if self.listen:
                 await tg.start(self._listen_loop)
             tg.start_soon(self._poll_loop)
-            for slots in self.slots.values():
-                self._start_saga(slots)
+            for served in self.served.values():
+                self._start_saga(served)
             task_status.started()
 
     async def stop(self, grace: float) -> None:
         """Stop claiming, let running steps finish (up to `grace` seconds), then cancel."""
         self.stopping = True
-        for slots in self.slots.values():
-            slots.wake.set()
+        for served in self.served.values():
+            served.wake.set()
         with anyio.move_on_after(grace):
             await self._idle.wait()
         if self._tg is not None:
@@ -108,30 +105,30 @@ class Worker:
 
     def serve(self, binding: Binding) -> None:
         """Start (or update) serving a saga."""
-        existing = self.slots.get(binding.saga.name)
+        existing = self.served.get(binding.saga.name)
         if existing is not None:
             existing.binding = binding
             return
-        slots = _Slots(binding)
-        self.slots[binding.saga.name] = slots
+        served = ServedSaga(binding)
+        self.served[binding.saga.name] = served
         if self._tg is not None:
-            self._start_saga(slots)
+            self._start_saga(served)
         self._poll_now = True
         self._poke.set()
 
-    def _start_saga(self, slots: _Slots) -> None:
+    def _start_saga(self, served: ServedSaga) -> None:
         assert self._tg is not None
-        if not slots.loop_started:
-            slots.loop_started = True
-            self._tg.start_soon(self._saga_loop, slots)
-            slots.wake.set()
+        if not served.loop_started:
+            served.loop_started = True
+            self._tg.start_soon(self._saga_loop, served)
+            served.wake.set()
 
     # -- waking ----------------------------------------------------------------------------
 
     def wake(self, saga: str) -> None:
-        slots = self.slots.get(saga)
-        if slots is not None:
-            slots.wake.set()
+        served = self.served.get(saga)
+        if served is not None:
+            served.wake.set()
 
     def wake_in(self, seconds: float) -> None:
         """Make sure the poll loop looks again in `seconds` (a run of ours is due then)."""
@@ -141,12 +138,12 @@ class Worker:
             self._poke.set()
 
     def wake_all(self) -> None:
-        for slots in self.slots.values():
-            slots.wake.set()
+        for served in self.served.values():
+            served.wake.set()
 
     def _on_notify(self, _conn: Any, pid: int, _channel: str, payload: object) -> None:
         # Only flag work here: the database is never touched from a notification callback.
-        if not isinstance(payload, str) or pid in self.own_backends:
+        if not isinstance(payload, str) or pid in self.database.own:
             return  # sent by this process, which woke itself when it committed
         if payload.startswith("r:"):
             self.wake(payload[2:])
@@ -166,7 +163,7 @@ class Worker:
         while not self.stopping:
             lost = anyio.Event()
             try:
-                conn = await self.connect_listener()
+                conn = await self.database.connect_listener()
             except RETRYABLE as exc:
                 log.warning("listen connection failed; retrying", error=str(exc), delay=delay)
                 if not started:
@@ -214,7 +211,7 @@ class Worker:
             self._poll_now = False
             self._timer = None
             next_poll = now + self.poll_interval
-            sagas = list(self.slots)
+            sagas = list(self.served)
             if not sagas:
                 continue
             try:
@@ -233,24 +230,24 @@ class Worker:
                     # Wake just after the earliest due time; never busy-wait.
                     self.wake_in((ready_at - db_now).total_seconds() + 0.001)
 
-    async def _saga_loop(self, slots: _Slots) -> None:
+    async def _saga_loop(self, served: ServedSaga) -> None:
         """The saga's claimer: on each wake-up, claim ready runs while there is capacity.
 
         Each claimed run (its transaction open, its row locked) goes to an executor task.
         Claiming in one place means one empty claim per burst of wake-ups at most, where
-        slots claiming side by side raced each other for the same runs.
+        executors claiming side by side raced each other for the same runs.
         """
         assert self._tg is not None
         failures = 0
         while not self.stopping:
-            await slots.wake.wait()
-            slots.wake = anyio.Event()
+            await served.wake.wait()
+            served.wake = anyio.Event()
             while not self.stopping:
-                if slots.active >= slots.binding.saga.instances:
-                    slots.full = True
+                if served.active >= served.binding.saga.instances:
+                    served.full = True
                     break
                 try:
-                    claimed = await self._claim(slots)
+                    claimed = await self._claim(served)
                     failures = 0
                 except anyio.get_cancelled_exc_class():
                     raise
@@ -259,25 +256,25 @@ class Worker:
                     delay = min(5.0, 0.05 * math.pow(2, failures))
                     log.warning(
                         "claiming failed; retrying",
-                        saga=slots.binding.saga.name,
+                        saga=served.binding.saga.name,
                         error=repr(exc),
                         delay=delay,
                     )
                     await anyio.sleep(delay)
-                    slots.wake.set()
+                    served.wake.set()
                     break
                 if claimed is None:
                     break
                 conn, lease = claimed
-                self._enter(slots)
-                self._tg.start_soon(self._execute, slots, conn, lease)
-                if lease.claimed.ready <= slots.active:
+                self._enter(served)
+                self._tg.start_soon(self._execute, served, conn, lease)
+                if lease.claimed.ready <= served.active:
                     break  # every ready run is being taken care of: spare an empty claim
 
-    async def _claim(self, slots: _Slots) -> tuple[Pooled, Lease] | None:
+    async def _claim(self, served: ServedSaga) -> tuple[Pooled, Lease] | None:
         conn = await self.pool.acquire()
         try:
-            lease = await self.runner.claim(conn, slots.binding)
+            lease = await self.runner.claim(conn, served.binding)
         except BaseException:
             await self._release(conn, dirty=False)
             raise
@@ -286,19 +283,19 @@ class Worker:
             return None
         return conn, lease
 
-    async def _execute(self, slots: _Slots, conn: Pooled, lease: Lease | None) -> None:
+    async def _execute(self, served: ServedSaga, conn: Pooled, lease: Lease | None) -> None:
         """Advance a claimed run, then keep claiming on this connection while work remains.
 
         Claims made here run in parallel across executors; the claimer only starts them.
         """
         advanced = None
 
-        def more(done: Advanced) -> bool:
-            return not self.stopping and (done.again or done.ready > slots.active)
+        def more(done: AfterCommit) -> bool:
+            return not self.stopping and (done.again or done.ready > served.active)
 
         try:
             while lease is not None:
-                advanced = await self.runner.advance(conn, slots.binding, lease, more)
+                advanced = await self.runner.advance(conn, served.binding, lease, more)
                 next_tx, advanced.next_tx = advanced.next_tx, None
                 if not more(advanced):
                     if next_tx is not None:
@@ -308,7 +305,7 @@ class Worker:
                     await self._release(conn, dirty=True)
                     conn = await self.pool.acquire()
                     advanced = None
-                lease = await self.runner.claim(conn, slots.binding, next_tx)
+                lease = await self.runner.claim(conn, served.binding, next_tx)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
@@ -316,32 +313,32 @@ class Worker:
             # The run stays ready (or was deferred, if it cannot be advanced); back off
             # while holding the capacity, so a broken database is not hammered.
             log.warning(
-                "step transaction failed; retrying", saga=slots.binding.saga.name, error=repr(exc)
+                "step transaction failed; retrying", saga=served.binding.saga.name, error=repr(exc)
             )
             await anyio.sleep(0.5)
-            slots.wake.set()
+            served.wake.set()
         finally:
             await self._release(conn, dirty=advanced is None or advanced.touched)
-            self._leave(slots)
+            self._leave(served)
 
     async def _release(self, conn: Pooled, *, dirty: bool) -> None:
         """Return a connection; only one user code used gets the pool's session reset."""
         if dirty and not conn.is_closed():
-            self.dirty_backends.add(conn.get_server_pid())
+            self.database.dirty.add(conn.get_server_pid())
         with anyio.CancelScope(shield=True):
             await self.pool.release(conn)
 
-    def _enter(self, slots: _Slots) -> None:
-        slots.active += 1
+    def _enter(self, served: ServedSaga) -> None:
+        served.active += 1
         self._busy += 1
         if self._idle.is_set():
             self._idle = anyio.Event()
 
-    def _leave(self, slots: _Slots) -> None:
-        if slots.full:
-            slots.full = False
-            slots.wake.set()
-        slots.active -= 1
+    def _leave(self, served: ServedSaga) -> None:
+        if served.full:
+            served.full = False
+            served.wake.set()
+        served.active -= 1
         self._busy -= 1
         if self._busy == 0:
             self._idle.set()

@@ -1,0 +1,119 @@
+"""The connections of one Cooperation: its pool, its LISTEN connection, and what it knows
+about their backends.
+
+Two sets of backend pids are kept here and read by the worker:
+- `own`: backends of this pool. Notifications they sent announce what this process has
+  already woken itself for, so the listener skips them.
+- `dirty`: backends whose session user code used (a step's `scope.connection`). Only those
+  get asyncpg's full session reset when they return to the pool; scoopy's own statements
+  leave no session state behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import asyncpg
+
+from ..errors import DatabaseUnavailableError, ScoopyError
+from ..postgres import embedded_dsn
+
+# Generic plans: scoopy's statements are index lookups whose plan never depends on the
+# parameters, and planning them cost more than running them.
+SERVER_SETTINGS = {
+    "jit": "off",
+    "plan_cache_mode": "force_generic_plan",
+    "application_name": "scoopy",
+}
+
+
+def resolve_dsn(dsn: str | None) -> str | None:
+    """`dsn`, else `$SCOOPY_DSN`; None means the embedded server."""
+    return dsn or os.environ.get("SCOOPY_DSN") or None
+
+
+def redact(dsn: str) -> str:
+    """The DSN without its password, for messages."""
+    if "@" in dsn and "://" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return dsn
+
+
+class Database:
+    """A pool of `pool_size` connections to one server, and LISTEN connections on demand."""
+
+    def __init__(
+        self,
+        *,
+        pool_size: int,
+        connect_timeout: float,
+        server_settings: dict[str, str],
+    ) -> None:
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self.server_settings = server_settings
+        self.own: set[int] = set()
+        self.dirty: set[int] = set()
+        self.dsn: str | None = None
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+
+    async def open(self, dsn: str | None, data_dir: Path | None) -> None:
+        """Connect to `dsn` (else `$SCOOPY_DSN`, else the embedded server in `data_dir`)."""
+        resolved = resolve_dsn(dsn) or await self._embedded(data_dir)
+        self.dsn = resolved
+        try:
+            pool = await asyncpg.create_pool(
+                resolved,
+                init=self._remember_backend,
+                reset=self._reset_if_used,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout,
+                server_settings=self.server_settings,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise DatabaseUnavailableError(
+                f"could not connect to PostgreSQL at {redact(resolved)}: {exc}"
+            ) from exc
+        assert pool is not None
+        self._pool = pool
+
+    @staticmethod
+    async def _embedded(data_dir: Path | None) -> str:
+        return await anyio.to_thread.run_sync(embedded_dsn, data_dir)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            with anyio.CancelScope(shield=True):
+                await self._pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._pool is None:
+            raise ScoopyError("the Cooperation is not started: use `async with Cooperation(...)`")
+        return self._pool
+
+    async def connect_listener(self) -> asyncpg.Connection[asyncpg.Record]:
+        """A connection of its own for LISTEN (a pooled one would be reset and reused)."""
+        assert self.dsn is not None
+        return await asyncpg.connect(
+            self.dsn,
+            timeout=self.connect_timeout,
+            server_settings={"application_name": "scoopy-listen"},
+        )
+
+    async def _remember_backend(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        pid = conn.get_server_pid()
+        self.own.add(pid)
+        conn.add_termination_listener(lambda _conn: self.own.discard(pid))
+
+    async def _reset_if_used(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        pid = conn.get_server_pid()
+        if pid in self.dirty:
+            self.dirty.discard(pid)
+            await conn.execute(conn.get_reset_query())

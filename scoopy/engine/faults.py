@@ -1,0 +1,54 @@
+"""How the engine classifies what goes wrong in a step transaction.
+
+Three kinds of trouble, three answers:
+- transient (the connection, the server, a lost race): abandon the transaction and run the
+  step again later; the saga is never rolled back for them;
+- user code that failed after writing through the step's connection (`Redo`): roll the whole
+  transaction back and advance the run again with that failure in place of the code;
+- anything else raised by user code is the step's failure, handled by the state machine.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from ..context import CooperationContext
+
+# Database errors that say nothing about the step's business logic: the connection or the
+# server failed, or the transaction lost a race (serialization, deadlock).
+DB_TRANSIENT: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+class KeyRaced(Exception):
+    """A keyed launch of the step lost to a launch of the same key that committed while
+    the step ran: the id the step was given does not exist. The transaction is abandoned
+    and the step run again, when the launch finds the winner's message."""
+
+
+# Around scoopy's own statements, a lost socket or a timeout is transient too. (Raised by
+# user code, the same exceptions are business failures: an HTTP client's ConnectionError
+# is the step's failure, not the database's.)
+TRANSIENT: tuple[type[BaseException], ...] = (
+    *DB_TRANSIENT,
+    ConnectionError,
+    TimeoutError,
+    KeyRaced,
+)
+
+
+class Redo(Exception):
+    """User code failed after writing through the step's connection: the whole transaction
+    must be rolled back and the run advanced again with this failure."""
+
+    def __init__(self, error: BaseException, context: CooperationContext | None = None) -> None:
+        super().__init__(repr(error))
+        self.error = error
+        self.context = context

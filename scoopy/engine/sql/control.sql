@@ -1,0 +1,92 @@
+-- What operators do to running and finished hierarchies: cancel and undo.
+
+-- name: find_root
+-- The root and lineage of a run id, or of a root message id.
+SELECT root_id, lineage FROM {q}.run WHERE id = $1
+UNION ALL
+SELECT id, ARRAY[id] FROM {q}.message WHERE id = $1 AND parent_run_id IS NULL
+LIMIT 1
+
+-- name: cancel
+WITH c AS (
+    INSERT INTO {q}.cancellation (target, root_id, failure)
+    VALUES ($1, $2, $3::jsonb)
+    ON CONFLICT (target) DO NOTHING
+    RETURNING target
+), ev AS (
+    INSERT INTO {q}.event (root_id, message_id, run_id, type, lineage, failure, worker)
+    SELECT $2, $2, CASE WHEN $1 = $2 THEN NULL ELSE $1 END, 'CANCELLATION_REQUESTED',
+           $4::uuid[], $3::jsonb, $5
+      FROM c
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM c) AS inserted, (SELECT count(*) FROM ev) AS events
+
+-- Wake the runs of a cancelled sub-tree that wait (for time or for children) so they give up
+-- now. Nothing about ready_at may be in the WHERE clause: it would be judged on the row
+-- version before a committing step's update, and the row skipped. The SET is computed on the
+-- locked, current version instead. The first form waits for locked runs (under a lock
+-- timeout); the second, its fallback, skips them: they see the request when they finish.
+
+-- name: wake_cancelled
+WITH w AS (
+    UPDATE {q}.run r
+       SET ready_at = CASE WHEN r.ready_at IS NULL OR r.ready_at > clock_timestamp()
+                           THEN clock_timestamp() ELSE r.ready_at END
+     WHERE r.id IN (SELECT id FROM {q}.run
+                     WHERE root_id = $2 AND $1 = ANY (lineage)
+                       AND status IN ('pending', 'active'))
+       AND r.status IN ('pending', 'active')
+    RETURNING r.saga
+), nt AS (
+    SELECT pg_notify($3, 'r:' || saga) FROM (SELECT DISTINCT saga FROM w) d WHERE $4
+)
+SELECT (SELECT count(*) FROM w) AS woken, (SELECT count(*) FROM nt) AS notified
+
+-- name: wake_cancelled_unlocked
+WITH w AS (
+    UPDATE {q}.run r
+       SET ready_at = CASE WHEN r.ready_at IS NULL OR r.ready_at > clock_timestamp()
+                           THEN clock_timestamp() ELSE r.ready_at END
+     WHERE r.id IN (SELECT id FROM {q}.run
+                     WHERE root_id = $2 AND $1 = ANY (lineage)
+                       AND status IN ('pending', 'active') FOR UPDATE SKIP LOCKED)
+       AND r.status IN ('pending', 'active')
+    RETURNING r.saga
+), nt AS (
+    SELECT pg_notify($3, 'r:' || saga) FROM (SELECT DISTINCT saga FROM w) d WHERE $4
+)
+SELECT (SELECT count(*) FROM w) AS woken, (SELECT count(*) FROM nt) AS notified
+
+-- name: lock_timeout
+SET LOCAL lock_timeout = '250ms'
+
+-- name: undo_candidates
+-- The runs an undo of $2 addresses: the root runs of a root message, or one run.
+SELECT id, saga, status, parent_id, lineage, message_id
+  FROM {q}.run
+ WHERE root_id = $1 AND ($2::uuid = root_id AND parent_id IS NULL OR id = $2)
+   FOR UPDATE
+
+-- name: unfinished_in_root
+SELECT count(*) FROM {q}.run
+ WHERE root_id = $1 AND status IN ('pending', 'active')
+
+-- name: undo
+WITH u AS (
+    UPDATE {q}.run
+       SET status = 'active', rollback_request = $2::jsonb,
+           ready_at = clock_timestamp(), updated_at = clock_timestamp()
+     WHERE id = ANY ($1::uuid[]) AND status = 'committed'
+    RETURNING id, saga, root_id, message_id, lineage
+), ev AS (
+    INSERT INTO {q}.event (root_id, message_id, type, lineage, failure, worker)
+    SELECT DISTINCT ON (message_id) root_id, message_id, 'ROLLBACK_EMITTED',
+           lineage[1:cardinality(lineage) - 1], $3::jsonb, $4
+      FROM u
+    RETURNING 1
+), nt AS (
+    SELECT pg_notify($5, 'r:' || saga) FROM (SELECT DISTINCT saga FROM u) d WHERE $6
+)
+SELECT (SELECT count(*) FROM u) AS updated, (SELECT count(*) FROM ev) AS events,
+       (SELECT count(*) FROM nt) AS notified

@@ -1,0 +1,123 @@
+"""Waiting for hierarchies to finish, and what their outcome is.
+
+A process learns that a hierarchy finished from its own commits and from other processes'
+notifications (`d:<root id>`). Waiters are woken by that news and then ask the database;
+without news (poll-only mode, another process) they ask again every poll interval.
+"""
+
+from __future__ import annotations
+
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+
+from ..failure import CooperationError, CooperationFailure
+from ..results import Outcome, RunSummary
+from ..vocab import COMMITTED, ROLLBACK_FAILED, ROLLED_BACK, UNFINISHED, Ending
+from .records import RunEnding
+
+
+class Watch:
+    """Set when this process learns that one hierarchy finished (held by its handle)."""
+
+    __slots__ = ("__weakref__", "finished")
+
+    def __init__(self) -> None:
+        self.finished = anyio.Event()
+
+
+class Waiters:
+    """Who in this process waits for which hierarchy."""
+
+    def __init__(self, poll_interval: float) -> None:
+        self.poll_interval = poll_interval
+        self._waiting: dict[uuid.UUID, set[anyio.Event]] = {}
+        # Handles from `launch` watch from before their runs exist, so waiting needs no query
+        # before the news arrives; a handle nobody keeps is forgotten with it.
+        self._watches: weakref.WeakValueDictionary[uuid.UUID, Watch] = weakref.WeakValueDictionary()
+
+    def watch(self, root_id: uuid.UUID) -> Watch:
+        watch = Watch()
+        self._watches[root_id] = watch
+        return watch
+
+    def forget(self, root_id: uuid.UUID) -> None:
+        self._watches.pop(root_id, None)
+
+    def done(self, root_id: uuid.UUID | None) -> None:
+        """Wake whoever waits for `root_id` (None: everyone, after a lost connection)."""
+        if root_id is None:
+            targets = list(self._waiting.values())
+            watches = list(self._watches.values())
+        else:
+            targets = [self._waiting.get(root_id, set())]
+            found = self._watches.get(root_id)
+            watches = [] if found is None else [found]
+        for events in targets:
+            for event in events:
+                event.set()
+        for watch in watches:
+            watch.finished.set()
+
+    async def wait(
+        self,
+        root_id: uuid.UUID,
+        outcome: Callable[[uuid.UUID], Awaitable[Outcome | None]],
+        timeout: float | None = None,
+        watch: Watch | None = None,
+    ) -> Outcome:
+        """Wait until `outcome(root_id)` is known (TimeoutError after `timeout`)."""
+        with anyio.fail_after(timeout):
+            if watch is not None:
+                # Registered before the launch committed: nothing can be missed, and the
+                # poll interval bounds the wait if the news comes from another process
+                # without notifications.
+                with anyio.move_on_after(self.poll_interval):
+                    await watch.finished.wait()
+            while True:
+                event = anyio.Event()
+                self._waiting.setdefault(root_id, set()).add(event)
+                try:
+                    found = await outcome(root_id)
+                    if found is not None:
+                        return found
+                    with anyio.move_on_after(self.poll_interval):
+                        await event.wait()
+                finally:
+                    waiting = self._waiting.get(root_id)
+                    if waiting is not None:
+                        waiting.discard(event)
+                        if not waiting:
+                            del self._waiting[root_id]
+
+
+def outcome_of(root_id: uuid.UUID, runs: Sequence[RunEnding]) -> Outcome | None:
+    """The hierarchy's outcome from its root runs, or None while any is unfinished."""
+    if any(run.status in UNFINISHED for run in runs):
+        return None
+    failures: list[CooperationFailure] = []
+    status: Ending = COMMITTED
+    for run in runs:
+        if run.status == ROLLBACK_FAILED:
+            status = ROLLBACK_FAILED
+            if run.rollback_failure is not None:
+                failures.append(CooperationFailure.from_json(run.rollback_failure))
+        elif run.status == ROLLED_BACK:
+            if status == COMMITTED:
+                status = ROLLED_BACK
+            if run.failure is not None:
+                failures.append(CooperationFailure.from_json(run.failure))
+    failure = None
+    if len(failures) == 1:
+        failure = failures[0]
+    elif failures:
+        failure = CooperationFailure(
+            type=CooperationError.wire_type,
+            message=f"{len(failures)} runs started by message {root_id} failed",
+            source="scoopy",
+            causes=failures,
+        )
+    summaries = tuple(RunSummary(run.id, run.saga, run.status) for run in runs)
+    return Outcome(root_id, status, failure, summaries)

@@ -1,0 +1,72 @@
+"""What reading a hierarchy back returns: its event log, its runs, its outcome."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from .failure import CooperationFailure
+from .vocab import Ending, RunStatus
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of a hierarchy's event log."""
+
+    seq: int
+    type: str
+    saga: str | None
+    step: str | None
+    run_id: uuid.UUID | None
+    message_id: uuid.UUID | None
+    root_id: uuid.UUID
+    lineage: list[uuid.UUID]
+    worker: str | None
+    failure: CooperationFailure | None
+    context: dict[str, Any] | None
+    time: datetime
+    phase: str | None = None
+    instance: int | None = None
+    iteration: int | None = None
+    handler_iteration: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """One run of a hierarchy, as `Cooperation.runs` reports it."""
+
+    id: uuid.UUID
+    saga: str
+    parent_id: uuid.UUID | None
+    status: RunStatus
+    lineage: list[uuid.UUID]
+    message_id: uuid.UUID
+    created_at: datetime
+    updated_at: datetime
+    failure: CooperationFailure | None
+    rollback_failure: CooperationFailure | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    id: uuid.UUID
+    saga: str
+    status: RunStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a hierarchy ended: every run its root message started has finished."""
+
+    id: uuid.UUID
+    status: Ending
+    failure: CooperationFailure | None
+    runs: tuple[RunSummary, ...]
+
+    def raise_for_failure(self) -> None:
+        """Raise the failure (a `CooperationError`) unless the hierarchy committed."""
+        if self.failure is not None:
+            raise self.failure.to_exception()
