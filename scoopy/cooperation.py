@@ -142,7 +142,7 @@ class Cooperation:
         try:
             await self.database.open(self.dsn, self.data_dir)
             stack.push_async_callback(self.database.close)
-            async with self.pool.acquire() as conn:
+            async with self.database.connection() as conn:
                 if self.migrate:
                     await migrations.migrate(conn, self.store)
                 else:
@@ -222,24 +222,24 @@ class Cooperation:
     async def pause(self, saga: Saga | str, reason: str | None = None) -> None:
         """Stop every worker from running steps of `saga` (its runs wait) until `resume`."""
         name = saga.name if isinstance(saga, Saga) else saga
-        async with self.pool.acquire() as conn:
+        async with self.database.connection() as conn:
             await self.store.pause(conn, name, reason)
 
     async def resume(self, saga: Saga | str) -> None:
         """Let workers run `saga` again."""
         name = saga.name if isinstance(saga, Saga) else saga
-        async with self.pool.acquire() as conn:
+        async with self.database.connection() as conn:
             await self.store.resume(conn, name, self.listen)
         self._wake(name)
 
     async def paused(self) -> list[str]:
-        async with self.pool.acquire() as conn:
+        async with self.database.connection() as conn:
             return await self.store.paused(conn)
 
     async def subscriptions(self) -> list[tuple[str, str]]:
         """Every (topic, saga) pair in the registry, from all services."""
         await self.registry.sync()
-        async with self.pool.acquire() as conn:
+        async with self.database.connection() as conn:
             return await self.store.subscriptions(conn)
 
     # -- launching -------------------------------------------------------------------------
@@ -297,7 +297,7 @@ class Cooperation:
                 connection, message, self.worker_id, self.listen, at=at, after=delay
             )
         else:
-            async with self.pool.acquire() as conn:
+            async with self.database.connection() as conn:
                 found, sagas = await self.store.launch(
                     conn, message, self.worker_id, self.listen, at=at, after=delay
                 )
@@ -342,7 +342,7 @@ class Cooperation:
         body = resolved.encode(payload)
         encoded = CooperationContext.coerce(context).encode()
         chain = periodic.chain_key(key)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.database.connection() as conn, conn.transaction():
             # Check and launch under one lock so two services scheduling at once start one chain.
             await self.store.lock(conn, chain)
             active = await self.store.active_chains(conn, periodic.PERIODIC, chain, chain + "@")
@@ -363,7 +363,7 @@ class Cooperation:
 
     async def schedules(self) -> list[periodic.Schedule]:
         """The active schedules: key, topic, cadence and when each next fires (`due`)."""
-        async with self.pool.acquire() as conn:
+        async with self.database.connection() as conn:
             links = await self.store.schedule_links(conn, periodic.PERIODIC)
         return [periodic.SCHEDULES.decode(link) for link in links]
 
@@ -371,7 +371,7 @@ class Cooperation:
         """Stop a schedule; return how many pending links of its chain were cancelled."""
         cancelled = 0
         while True:
-            async with self.pool.acquire() as conn:
+            async with self.database.connection() as conn:
                 roots = await self.store.active_chains(
                     conn, periodic.PERIODIC, periodic.chain_key(key), periodic.chain_key(key) + "@"
                 )
@@ -412,7 +412,7 @@ class Cooperation:
 
         `root_id` may also be a run id: then it is that run's outcome.
         """
-        async with self.pool.acquire() as conn:
+        async with self.database.connection() as conn:
             runs = await self.store.root_runs(conn, root_id)
             if not runs and not await self.store.message_exists(conn, root_id):
                 run = await self.store.run_by_id(conn, root_id)
@@ -425,12 +425,12 @@ class Cooperation:
 
     async def events(self, root_id: uuid.UUID) -> list[Event]:
         """The hierarchy's event log, in order."""
-        async with self.pool.acquire() as conn:
+        async with self.database.connection() as conn:
             return await self.store.events(conn, root_id)
 
     async def runs(self, root_id: uuid.UUID) -> list[RunInfo]:
         """Every run of a hierarchy, oldest first."""
-        async with self.pool.acquire() as conn:
+        async with self.database.connection() as conn:
             return await self.store.runs_of(conn, root_id)
 
     # -- control ---------------------------------------------------------------------------
@@ -441,7 +441,7 @@ class Cooperation:
         Returns False if cancellation had already been requested for that target.
         """
         target = uuid.UUID(str(run_id))
-        async with self.pool.acquire() as conn:
+        async with self.database.connection() as conn:
             inserted = await control.cancel(
                 self.store, conn, target, reason, source, self.worker_id, self.listen
             )
@@ -454,7 +454,7 @@ class Cooperation:
     ) -> RunHandle:
         """Undo a finished, committed hierarchy (or one committed run's sub-tree)."""
         target = uuid.UUID(str(run_id))
-        async with self.pool.acquire() as conn:
+        async with self.database.connection() as conn:
             root_id, topic = await control.undo(
                 self.store, conn, target, reason, source, self.worker_id, self.listen
             )

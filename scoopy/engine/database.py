@@ -12,13 +12,24 @@ Two sets of backend pids are kept here and read by the worker:
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 import anyio
 import asyncpg
+import structlog
 
 from ..errors import DatabaseUnavailableError, ScoopyError
 from ..postgres import embedded_dsn
+from .faults import connection_lost
+
+if TYPE_CHECKING:
+    Pooled: TypeAlias = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
+
+log = structlog.get_logger("scoopy")
 
 # Generic plans: scoopy's statements are index lookups whose plan never depends on the
 # parameters, and planning them cost more than running them.
@@ -44,6 +55,42 @@ def redact(dsn: str) -> str:
     return dsn
 
 
+class Outage:
+    """Says once that the database went away and once that it is back.
+
+    Every task that touches the database reports trouble here, so an outage costs one
+    warning, not one per step, poll and saga; in between, retries log at debug level.
+    """
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.failures = 0
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def lost(self, where: str, exc: BaseException) -> None:
+        self.failures += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning(
+                "lost the database; retrying until it is back", where=where, error=repr(exc)
+            )
+        else:
+            log.debug("database still unavailable", where=where, error=repr(exc))
+
+    def back(self) -> None:
+        if self.since is not None:
+            log.warning(
+                "database is back",
+                after_s=round(time.monotonic() - self.since, 3),
+                failed_attempts=self.failures,
+            )
+            self.since = None
+            self.failures = 0
+
+
 class Database:
     """A pool of `pool_size` connections to one server, and LISTEN connections on demand."""
 
@@ -59,6 +106,7 @@ class Database:
         self.server_settings = server_settings
         self.own: set[int] = set()
         self.dirty: set[int] = set()
+        self.outage = Outage()
         self.dsn: str | None = None
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
 
@@ -97,6 +145,21 @@ class Database:
         if self._pool is None:
             raise ScoopyError("the Cooperation is not started: use `async with Cooperation(...)`")
         return self._pool
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Pooled]:
+        """A pooled connection for one request of the API; a lost database is reported as
+        `DatabaseUnavailableError`, not as the driver's exception."""
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
+        except DatabaseUnavailableError:
+            raise
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+            where = redact(self.dsn) if self.dsn else "PostgreSQL"
+            raise DatabaseUnavailableError(f"lost the connection to {where}: {exc!r}") from exc
 
     async def connect_listener(self) -> asyncpg.Connection[asyncpg.Record]:
         """A connection of its own for LISTEN (a pooled one would be reset and reused)."""

@@ -13,6 +13,19 @@ from __future__ import annotations
 import asyncpg
 
 from ..context import CooperationContext
+from ..vocab import Connection
+
+# The server or the connection to it went away: a restart, a failover, a terminated
+# backend, a network blip, a transaction idle past idle_in_transaction_session_timeout.
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+)
 
 # Database errors that say nothing about the step's business logic: the connection or the
 # server failed, or the transaction lost a race (serialization, deadlock).
@@ -23,8 +36,27 @@ DB_TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
 )
+
+
+def gone(conn: Connection) -> bool:
+    """Whether `conn` can no longer be used.
+
+    When a pooled connection dies, asyncpg returns it to the pool at once and detaches its
+    proxy; every call on the proxy, `is_closed()` included, then raises `InterfaceError`.
+    """
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
+def connection_lost(exc: BaseException, conn: Connection | None = None) -> bool:
+    """Whether `exc` says the database went away (rather than that something is wrong)."""
+    return isinstance(exc, CONNECTION_LOST) or (conn is not None and gone(conn))
 
 
 class KeyRaced(Exception):

@@ -18,6 +18,7 @@ from ..errors import SagaDefinitionError
 from ..message import Topic
 from ..saga import Saga
 from .database import Database
+from .faults import connection_lost
 from .records import Binding
 from .store import Store
 
@@ -87,7 +88,7 @@ class Registry:
                 return
             ready: list[str] = []
             try:
-                async with self.database.pool.acquire() as conn, conn.transaction():
+                async with self.database.connection() as conn, conn.transaction():
                     for sign, topic, saga in changes:
                         if sign == "+":
                             await self.store.subscribe(conn, [(topic, saga)])
@@ -112,6 +113,9 @@ class Registry:
             try:
                 await self.sync()
             except Exception as exc:
-                log.warning("could not write subscriptions; retrying", error=repr(exc))
+                if connection_lost(exc):
+                    self.database.outage.lost("subscriptions", exc)
+                else:
+                    log.warning("could not write subscriptions; retrying", error=repr(exc))
                 await anyio.sleep(1.0)
                 self._wanted.set()

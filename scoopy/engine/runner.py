@@ -13,7 +13,7 @@ from asyncpg.transaction import Transaction
 from ..context import CooperationContext
 from ..vocab import Connection
 from . import handover
-from .faults import DB_TRANSIENT, TRANSIENT, Redo
+from .faults import DB_TRANSIENT, TRANSIENT, Redo, connection_lost, gone
 from .instrument import log_events
 from .records import AfterCommit, Binding, Claimed, Lease, OnCommitted
 from .step import StepSettings, StepTransaction
@@ -105,19 +105,21 @@ class Runner:
         except TRANSIENT:
             raise
         except Exception as exc:
-            if not conn.is_closed():
-                # A run we cannot advance must not starve the runs queued behind it.
-                strikes = self._strikes.get(claimed.id, 0) + 1
-                self._strikes[claimed.id] = strikes
-                delay = min(300.0, 0.5 * 2**strikes)
-                await self.store.defer(conn, claimed.id, delay)
-                log.error(
-                    "could not advance run; deferred",
-                    saga=binding.saga.name,
-                    run_id=str(claimed.id),
-                    error=repr(exc),
-                    retry_in=delay,
-                )
+            if connection_lost(exc, conn):
+                # Transient like any lost connection: the step runs again once it is back.
+                raise ConnectionResetError(f"lost the connection in a step: {exc!r}") from exc
+            # A run we cannot advance must not starve the runs queued behind it.
+            strikes = self._strikes.get(claimed.id, 0) + 1
+            self._strikes[claimed.id] = strikes
+            delay = min(300.0, 0.5 * 2**strikes)
+            await self.store.defer(conn, claimed.id, delay)
+            log.error(
+                "could not advance run; deferred",
+                saga=binding.saga.name,
+                run_id=str(claimed.id),
+                error=repr(exc),
+                retry_in=delay,
+            )
             raise
         self._strikes.pop(claimed.id, None)
         for done in advanced.chain():
@@ -158,8 +160,16 @@ class Runner:
 
 
 async def _rollback(tx: Transaction, conn: Connection) -> None:
-    """Roll back, shielded from cancellation: the run must not stay locked."""
-    if conn.is_closed():
+    """Roll back, shielded from cancellation: the run must not stay locked.
+
+    On a connection that died there is nothing to roll back: the server aborted the
+    transaction and released the lock when the connection went.
+    """
+    if gone(conn):
         return
     with anyio.CancelScope(shield=True):
-        await tx.rollback()
+        try:
+            await tx.rollback()
+        except Exception as exc:
+            if not connection_lost(exc, conn):
+                raise

@@ -37,7 +37,7 @@ from ..scope import Scope, in_scope
 from ..strategy import RunView
 from ..vocab import ACTIVE, COMMITTED, HAPPY, PENDING, ROLLBACK, Connection, Path
 from .eventlog import TransactionEvents, failure_text, text
-from .faults import DB_TRANSIENT, KeyRaced, Redo
+from .faults import DB_TRANSIENT, KeyRaced, Redo, gone
 from .machine import (
     USER_CODE,
     Again,
@@ -341,7 +341,7 @@ class StepTransaction:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
-            if isinstance(exc, DB_TRANSIENT) or self.conn.is_closed():
+            if isinstance(exc, DB_TRANSIENT) or gone(self.conn):
                 raise
             if scope.touched:
                 raise Redo(exc, self.context.copy()) from exc

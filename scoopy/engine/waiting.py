@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
+from ..errors import DatabaseUnavailableError
 from ..failure import CooperationError, CooperationFailure
 from ..results import Outcome, RunSummary
 from ..vocab import COMMITTED, ROLLBACK_FAILED, ROLLED_BACK, UNFINISHED, Ending
@@ -80,7 +81,10 @@ class Waiters:
                 event = anyio.Event()
                 self._waiting.setdefault(root_id, set()).add(event)
                 try:
-                    found = await outcome(root_id)
+                    try:
+                        found = await outcome(root_id)
+                    except DatabaseUnavailableError:
+                        found = None  # an outage is not an outcome: keep waiting it out
                     if found is not None:
                         return found
                     with anyio.move_on_after(self.poll_interval):

@@ -25,14 +25,12 @@ import asyncpg
 import structlog
 
 from .database import Database
-from .faults import TRANSIENT
+from .faults import connection_lost, gone
 from .records import AfterCommit, Binding, Lease
 from .runner import Runner
 from .store import Store
 
 log = structlog.get_logger("scoopy")
-
-RETRYABLE: tuple[type[BaseException], ...] = (OSError, asyncpg.PostgresError, *TRANSIENT)
 
 if TYPE_CHECKING:
     Pooled: TypeAlias = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
@@ -158,37 +156,44 @@ class Worker:
     async def _listen_loop(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
+        """Keep one LISTEN connection open, reconnecting with backoff whenever it is lost.
+
+        Notifications sent while it was away are lost: after each reconnect every saga
+        looks for work and every waiter asks again.
+        """
         delay = 0.1
         started = False
+        outage = self.database.outage
         while not self.stopping:
             lost = anyio.Event()
+            conn: asyncpg.Connection[asyncpg.Record] | None = None
             try:
                 conn = await self.database.connect_listener()
-            except RETRYABLE as exc:
-                log.warning("listen connection failed; retrying", error=str(exc), delay=delay)
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(self.store.channel, self._on_notify)
+                delay = 0.1
+                outage.back()
+                if started:
+                    self.wake_all()
+                    self.on_root_done(None)
+                else:
+                    started = True
+                    task_status.started()
+                await lost.wait()
+                outage.lost("listen", ConnectionResetError("the LISTEN connection closed"))
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:
+                outage.lost("listen", exc)
                 if not started:
                     started = True
                     task_status.started()
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-                continue
-            try:
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(self.store.channel, self._on_notify)
-                delay = 0.1
-                if not started:
-                    started = True
-                    task_status.started()
-                else:
-                    # Notifications sent while we were away are lost: look for work.
-                    self.wake_all()
-                    self.on_root_done(None)
-                await lost.wait()
-                log.warning("listen connection lost; reconnecting")
             finally:
-                with anyio.CancelScope(shield=True):
-                    if not conn.is_closed():
-                        await conn.close(timeout=2)
+                if conn is not None:
+                    with anyio.CancelScope(shield=True):
+                        await _close_quietly(conn)
 
     async def _poll_loop(self) -> None:
         """Poll every `poll_interval`, and also when the earliest known due time comes.
@@ -217,9 +222,12 @@ class Worker:
             try:
                 async with self.pool.acquire() as conn:
                     due, db_now = await self.store.poll(conn, sagas)
-            except RETRYABLE as exc:
-                log.warning("poll failed", error=str(exc))
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception as exc:
+                self._trouble("poll", exc)
                 continue
+            self.database.outage.back()
             assert db_now is not None
             for saga, ready_at in due:
                 if ready_at is None:
@@ -254,12 +262,7 @@ class Worker:
                 except Exception as exc:
                     failures += 1
                     delay = min(5.0, 0.05 * math.pow(2, failures))
-                    log.warning(
-                        "claiming failed; retrying",
-                        saga=served.binding.saga.name,
-                        error=repr(exc),
-                        delay=delay,
-                    )
+                    self._trouble("claim", exc, saga=served.binding.saga.name, delay=delay)
                     await anyio.sleep(delay)
                     served.wake.set()
                     break
@@ -312,9 +315,7 @@ class Worker:
             advanced = None
             # The run stays ready (or was deferred, if it cannot be advanced); back off
             # while holding the capacity, so a broken database is not hammered.
-            log.warning(
-                "step transaction failed; retrying", saga=served.binding.saga.name, error=repr(exc)
-            )
+            self._trouble("step", exc, saga=served.binding.saga.name)
             await anyio.sleep(0.5)
             served.wake.set()
         finally:
@@ -322,11 +323,25 @@ class Worker:
             self._leave(served)
 
     async def _release(self, conn: Pooled, *, dirty: bool) -> None:
-        """Return a connection; only one user code used gets the pool's session reset."""
-        if dirty and not conn.is_closed():
+        """Return a connection; only one user code used gets the pool's session reset.
+
+        A connection that died is back in the pool already (asyncpg replaces it); one whose
+        reset fails is closed by the pool. Neither is this task's problem.
+        """
+        if dirty and not gone(conn):
             self.database.dirty.add(conn.get_server_pid())
         with anyio.CancelScope(shield=True):
-            await self.pool.release(conn)
+            try:
+                await self.pool.release(conn)
+            except Exception as exc:
+                self._trouble("release", exc)
+
+    def _trouble(self, where: str, exc: BaseException, **fields: Any) -> None:
+        """Report a failure of one of the worker's tasks, which then retries."""
+        if connection_lost(exc):
+            self.database.outage.lost(where, exc)
+        else:
+            log.warning(f"{where} failed; retrying", error=repr(exc), **fields)
 
     def _enter(self, served: ServedSaga) -> None:
         served.active += 1
@@ -342,3 +357,12 @@ class Worker:
         self._busy -= 1
         if self._busy == 0:
             self._idle.set()
+
+
+async def _close_quietly(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    if conn.is_closed():
+        return
+    try:
+        await conn.close(timeout=2)
+    except Exception:
+        conn.terminate()
