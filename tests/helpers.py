@@ -5,22 +5,31 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import asyncpg
 import pytest
 
-from scoopy import Event, Message, Saga, Scope
+from scoopy import Cooperation, CooperationFailure, Event, Message, Saga, Scope
 from scoopy.saga import Step
+
+MakeCoop = Callable[..., Cooperation]  # the `make_coop` fixture
 
 # Tests of the engine's semantics run twice: with LISTEN/NOTIFY and in poll-only mode.
 both_modes = pytest.mark.parametrize("listen", [True, False], ids=["listen", "poll"])
 
 WAIT = 30.0  # generous upper bound for a hierarchy to finish on a loaded CI machine
 RECHECK = 0.02  # how often `eventually` re-asks a condition nothing notifies us of
+
+
+class MyException(Exception):
+    """A business failure raised by a step."""
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = WAIT) -> None:
@@ -126,3 +135,96 @@ def logged(saga: Saga, name: str, log: list[str]) -> Step:
     step = saga.step(name)(run)
     step.rollback(undo)
     return step
+
+
+# -- reading what a hierarchy did ---------------------------------------------------------
+
+
+async def wait_for_event(
+    coop: Cooperation, root_id: uuid.UUID, match: Callable[[Event], bool]
+) -> Event:
+    """Wait until the hierarchy's event log holds a matching event, and return it."""
+    found: list[Event] = []
+
+    async def seen() -> bool:
+        found[:] = [event for event in await coop.events(root_id) if match(event)]
+        return bool(found)
+
+    await eventually(seen)
+    return found[0]
+
+
+def describe(failure: CooperationFailure | None) -> str | None:
+    """A failure tree in the notation of seed 003: `ChildRolledBack(RuntimeError("Geronimo!"))`.
+
+    Leaves show their message; wrappers show their causes.
+    """
+    if failure is None:
+        return None
+    name = failure.type.rsplit(".", 1)[-1]
+    if failure.causes:
+        return f"{name}({', '.join(str(describe(cause)) for cause in failure.causes)})"
+    return f'{name}("{failure.message}")'
+
+
+def failure_types(failure: CooperationFailure | None) -> list[str]:
+    """Every failure type in a failure's cause tree, depth first."""
+    assert failure is not None
+    return [f.type for f in failure.walk()]
+
+
+def find(failure: CooperationFailure | None, type_: str) -> CooperationFailure:
+    """The one failure of `type_` in a failure's cause tree."""
+    assert failure is not None
+    (found,) = [f for f in failure.walk() if f.type == type_]
+    return found
+
+
+def run_of(events: Sequence[Event], saga: str) -> uuid.UUID:
+    """The run id of the (single) run of `saga` in the log."""
+    found = {e.run_id for e in events if e.saga == saga and e.type == "SEEN"}
+    assert len(found) == 1, found
+    run = found.pop()
+    assert run is not None
+    return run
+
+
+def failure_of(events: Sequence[Event], saga: str, kind: str) -> CooperationFailure:
+    """The failure on the single event of type `kind` written by `saga`."""
+    [failure] = [e.failure for e in events if e.saga == saga and e.type == kind]
+    assert failure is not None
+    return failure
+
+
+def labelled(
+    events: Sequence[Event], root_id: uuid.UUID
+) -> list[tuple[str, str, str | None, str | None, str | None]]:
+    """Rows shaped like the seed-003 tables: (message, type, saga, step, failure).
+
+    Messages are labelled "root", then "child-1", "child-2"... in the order they were emitted.
+    """
+    labels = {root_id: "root"}
+    for event in events:
+        if event.type == "EMITTED" and event.message_id not in labels:
+            assert event.message_id is not None
+            labels[event.message_id] = f"child-{len(labels)}"
+    rows = []
+    for event in events:
+        assert event.message_id is not None
+        rows.append(
+            (labels[event.message_id], event.type, event.saga, event.step, describe(event.failure))
+        )
+    return rows
+
+
+def has(events: Sequence[Event], type_: str, saga: str, step: str | None = None) -> bool:
+    """Whether `saga` wrote an event of type `type_` (at step `step`, if given)."""
+    return any(
+        e.type == type_ and e.saga == saga and (step is None or e.step == step) for e in events
+    )
+
+
+async def db_now(db: asyncpg.Connection[asyncpg.Record]) -> datetime:
+    """The database clock (the clock scoopy's timers use)."""
+    now: datetime = await db.fetchval("SELECT clock_timestamp()")
+    return now

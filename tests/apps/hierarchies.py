@@ -1,0 +1,279 @@
+"""Saga families shared by several in-process tests: each builder returns fresh sagas.
+
+Compensations and steps append to the `log` list a test passes in, so the test can assert
+the order in which everything ran.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from scoopy import (
+    Cooperation,
+    Event,
+    Message,
+    Saga,
+    Scope,
+)
+
+from ..helpers import (
+    MyException,
+    eventually,
+    has,
+)
+
+# -- seed 001: distributed stack unwinding, and a resource around a calculation ------------
+
+
+def three_level_sagas(log: list[str]) -> list[tuple[str, Saga]]:
+    """Seed 001's 3-level example: the grandchild's second step throws; 1..9 in order."""
+    parent = Saga("parent-handler")
+
+    @parent.step("First parent step")
+    async def parent_first(scope: Scope, message: Message[Any]) -> None:
+        log.append("1")
+        await scope.launch("child-topic", {})
+
+    @parent_first.rollback
+    async def parent_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("9")
+
+    @parent.step("Second parent step")
+    async def parent_second(scope: Scope, message: Message[Any]) -> None:
+        log.append("This will never print")
+
+    child = Saga("child-handler")
+
+    @child.step("First child step")
+    async def child_first(scope: Scope, message: Message[Any]) -> None:
+        log.append("2")
+
+    @child_first.rollback
+    async def child_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("8")
+
+    @child.step("Second child step")
+    async def child_second(scope: Scope, message: Message[Any]) -> None:
+        log.append("3")
+        await scope.launch("grandchild-topic", {})
+
+    @child_second.rollback
+    async def child_second_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("7")
+
+    grandchild = Saga("grandchild-handler")
+
+    @grandchild.step("First grandchild step")
+    async def grandchild_first(scope: Scope, message: Message[Any]) -> None:
+        log.append("4")
+
+    @grandchild_first.rollback
+    async def grandchild_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("6")
+
+    @grandchild.step("Second grandchild step")
+    async def grandchild_second(scope: Scope, message: Message[Any]) -> None:
+        log.append("5")
+        raise MyException("My exception message")
+
+    @grandchild_second.rollback
+    async def grandchild_second_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("never: the step's transaction rolled back, nothing to compensate")
+
+    return [("parent-topic", parent), ("child-topic", child), ("grandchild-topic", grandchild)]
+
+
+def provisioning(log: list[str], *, child_fails: bool, later_fails: bool) -> list[tuple[str, Saga]]:
+    """Seed 001's resource example: spin up, launch the calculation, spin down in `finally_`."""
+    root = Saga("root-handler")
+
+    @root.step()
+    async def provision(scope: Scope, message: Message[Any]) -> None:
+        log.append("spin up")
+        await scope.launch("calculate", {})
+
+    @provision.finally_
+    async def spin_down(scope: Scope, message: Message[Any]) -> None:
+        log.append("spin down")
+
+    @provision.rollback
+    async def unprovision(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("undo provision")
+
+    @root.step()
+    async def report(scope: Scope, message: Message[Any]) -> None:
+        log.append("report")
+        if later_fails:
+            raise MyException("report failed")
+
+    calculation = Saga("calculation")
+
+    @calculation.step()
+    async def calculate(scope: Scope, message: Message[Any]) -> None:
+        log.append("calculate")
+        if child_fails:
+            raise MyException("calculation failed")
+
+    @calculate.rollback
+    async def uncalculate(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("undo calculate")
+
+    return [("root", root), ("calculate", calculation)]
+
+
+# -- a hierarchy waiting in its grandchild ---------------------------------------------------
+
+
+def waiting_hierarchy(log: list[str]) -> list[tuple[str, Saga]]:
+    """parent -> child -> grandchild, the grandchild durably asleep in its first step."""
+    parent = Saga("parent")
+
+    @parent.step()
+    async def order(scope: Scope, message: Message[Any]) -> None:
+        await scope.launch("child", {})
+
+    @order.rollback
+    async def unorder(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("undo parent")
+
+    child = Saga("child")
+
+    @child.step()
+    async def pack(scope: Scope, message: Message[Any]) -> None:
+        await scope.launch("grandchild", {})
+
+    @pack.rollback
+    async def unpack(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("undo child")
+
+    grandchild = Saga("grandchild")
+
+    @grandchild.step()
+    async def hold(scope: Scope, message: Message[Any]) -> None:
+        await scope.sleep(3600)
+
+    @hold.rollback
+    async def unhold(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("undo grandchild")
+
+    @grandchild.step()
+    async def ship(scope: Scope, message: Message[Any]) -> None:
+        log.append("never shipped")
+
+    return [("parent", parent), ("child", child), ("grandchild", grandchild)]
+
+
+def is_asleep(event: Event) -> bool:
+    return event.saga == "grandchild" and event.type == "SUSPENDED" and event.step == "hold"
+
+
+# -- a root whose two children each have a child of their own --------------------------------
+
+
+def undo_target(log: list[str]) -> list[tuple[str, Saga]]:
+    """root -> {a, b} on one message -> a's and b's own grandchildren; all compensations log."""
+    root = Saga("root")
+
+    @root.step()
+    async def fan_out(scope: Scope, message: Message[Any]) -> None:
+        await scope.launch("kids", {})
+
+    @fan_out.rollback
+    async def fan_in(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append("undo root")
+
+    sagas: list[tuple[str, Saga]] = [("root", root)]
+    for name in ("a", "b"):
+        child = Saga(name)
+
+        @child.step()
+        async def delegate(scope: Scope, message: Message[Any]) -> None:
+            await scope.launch(f"{scope.saga}-grand", {})
+
+        @delegate.rollback
+        async def undelegate(scope: Scope, message: Message[Any], f: BaseException) -> None:
+            log.append(f"undo {scope.saga}: {type(f).__name__}")
+
+        grand = Saga(f"{name}-grand")
+
+        @grand.step()
+        async def work(scope: Scope, message: Message[Any]) -> None:
+            pass
+
+        @work.rollback
+        async def unwork(scope: Scope, message: Message[Any], f: BaseException) -> None:
+            log.append(f"undo {scope.saga}: {type(f).__name__}")
+
+        sagas += [("kids", child), (f"{name}-grand", grand)]
+    return sagas
+
+
+# -- a parent waiting for a child that has not started -----------------------------------------
+
+
+def waiting_parent() -> tuple[Saga, Saga, Saga, list[str]]:
+    """A parent that launches to a fast saga and a (to be paused) absent one."""
+    ran: list[str] = []
+    parent = Saga("waiter")
+
+    @parent.step()
+    async def place(scope: Scope, message: Message[Any]) -> None:
+        ran.append("place")
+        await scope.launch("placed", {})
+
+    @place.rollback
+    async def unplace(scope: Scope, message: Message[Any], failure: BaseException) -> None:
+        ran.append("unplace")
+
+    @parent.step()
+    async def complete(scope: Scope, message: Message[Any]) -> None:
+        ran.append("complete")
+
+    ship = Saga("ship")
+
+    @ship.step()
+    async def dispatch(scope: Scope, message: Message[Any]) -> None:
+        ran.append("ship")
+
+    absent = Saga("absent")
+
+    @absent.step()
+    async def never(scope: Scope, message: Message[Any]) -> None:
+        ran.append(f"absent:{message.topic}")
+
+    return parent, ship, absent, ran
+
+
+async def parent_is_waiting(coop: Cooperation, root_id: uuid.UUID) -> None:
+    """Wait until the parent suspended after `place` and its fast child committed."""
+
+    async def check() -> bool:
+        events = await coop.events(root_id)
+        return has(events, "SUSPENDED", "waiter", "place") and has(events, "COMMITTED", "ship")
+
+    await eventually(check)
+
+
+# -- children that answer ---------------------------------------------------------------------
+
+
+def answering_sagas() -> tuple[Saga, Saga]:
+    """Two children on "answers": one answers and commits, one answers and then fails."""
+    steady = Saga("steady")
+
+    @steady.step()
+    async def answer(scope: Scope, message: Message[Any]) -> None:
+        scope.set_result("steady answer")
+
+    flaky = Saga("flaky")
+
+    @flaky.step()
+    async def first(scope: Scope, message: Message[Any]) -> None:
+        scope.set_result("flaky answer")
+
+    @flaky.step()
+    async def second(scope: Scope, message: Message[Any]) -> None:
+        raise MyException("flaky failed after answering")
+
+    return steady, flaky
