@@ -48,10 +48,7 @@ from scoopy.engine.machine import (
     Wake,
 )
 from scoopy.errors import SagaDefinitionError
-from scoopy.failure import (
-    CooperationError,
-    CooperationFailure,
-)
+from scoopy.failure import CooperationError, CooperationFailure
 from scoopy.saga import NextStep
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)

@@ -9,20 +9,9 @@ from typing import Any
 
 import anyio
 
-from scoopy import (
-    Cooperation,
-    CooperationError,
-    GaveUp,
-    Message,
-    NextStep,
-    Saga,
-    Scope,
-)
+from scoopy import Cooperation, CooperationError, GaveUp, Message, NextStep, Saga, Scope
 
-from .apps.hierarchies import (
-    is_asleep,
-    waiting_hierarchy,
-)
+from .apps.hierarchies import is_asleep, waiting_hierarchy
 from .helpers import (
     WAIT,
     MakeCoop,

@@ -20,9 +20,7 @@ from scoopy import (
     Scope,
 )
 
-from .apps.hierarchies import (
-    three_level_sagas,
-)
+from .apps.hierarchies import three_level_sagas
 from .helpers import (
     WAIT,
     MakeCoop,

@@ -6,24 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from scoopy import (
-    Message,
-    Saga,
-    Scope,
-)
+from scoopy import Message, Saga, Scope
 
-from .apps.hierarchies import (
-    provisioning,
-)
-from .helpers import (
-    WAIT,
-    MakeCoop,
-    MyException,
-    both_modes,
-    describe,
-    logged,
-    of_saga,
-)
+from .apps.hierarchies import provisioning
+from .helpers import WAIT, MakeCoop, MyException, both_modes, describe, logged, of_saga
 
 
 @both_modes

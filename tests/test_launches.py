@@ -13,22 +13,9 @@ from typing import Any
 import anyio
 import asyncpg
 
-from scoopy import (
-    Cooperation,
-    Message,
-    NextStep,
-    Saga,
-    Scope,
-)
+from scoopy import Cooperation, Message, NextStep, Saga, Scope
 
-from .helpers import (
-    ROOT,
-    WAIT,
-    both_modes,
-    eventually,
-    failure_types,
-    find,
-)
+from .helpers import ROOT, WAIT, both_modes, eventually, failure_types, find
 
 # -- idempotent launches ------------------------------------------------------------------
 

@@ -8,20 +8,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from scoopy import (
-    Cooperation,
-    Message,
-    NextStep,
-    Saga,
-    Scope,
-)
+from scoopy import Cooperation, Message, NextStep, Saga, Scope
 
-from .helpers import (
-    WAIT,
-    MakeCoop,
-    MyException,
-    both_modes,
-)
+from .helpers import WAIT, MakeCoop, MyException, both_modes
 
 
 @both_modes

@@ -18,12 +18,7 @@ from scoopy.engine.machine import (
     Wait,
     Wake,
 )
-from scoopy.failure import (
-    NO_MESSAGE,
-    ChildRollbackFailed,
-    ChildRolledBack,
-    RollbackFailed,
-)
+from scoopy.failure import NO_MESSAGE, ChildRollbackFailed, ChildRolledBack, RollbackFailed
 from scoopy.saga import NextStep
 
 from .machine_sim import (

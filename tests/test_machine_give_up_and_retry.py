@@ -22,11 +22,7 @@ from scoopy.engine.machine import (
     Wait,
     Wake,
 )
-from scoopy.failure import (
-    GaveUp,
-    RetriesExhausted,
-    RollbackFailed,
-)
+from scoopy.failure import GaveUp, RetriesExhausted, RollbackFailed
 
 from .machine_sim import (
     DEADLINE_MISSED,

@@ -23,9 +23,7 @@ from scoopy.engine.machine import (
     Wake,
 )
 from scoopy.errors import SagaDefinitionError
-from scoopy.failure import (
-    ChildRollbackFailed,
-)
+from scoopy.failure import ChildRollbackFailed
 from scoopy.saga import NextStep
 
 from .machine_sim import (

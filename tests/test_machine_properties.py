@@ -21,23 +21,10 @@ from scoopy.engine.machine import (
     Phase,
     Wait,
 )
-from scoopy.failure import (
-    CooperationFailure,
-    GaveUp,
-    RollbackFailed,
-)
+from scoopy.failure import CooperationFailure, GaveUp, RollbackFailed
 from scoopy.saga import NextStep
 
-from .machine_sim import (
-    T0,
-    Child,
-    FakeStep,
-    Outcome,
-    Raises,
-    Returns,
-    Sim,
-    boom,
-)
+from .machine_sim import T0, Child, FakeStep, Outcome, Raises, Returns, Sim, boom
 
 
 class RandomSim(Sim):

@@ -11,20 +11,9 @@ from typing import Any
 import anyio
 import asyncpg
 
-from scoopy import (
-    Cooperation,
-    Message,
-    Saga,
-    Scope,
-)
+from scoopy import Cooperation, Message, Saga, Scope
 
-from .helpers import (
-    WAIT,
-    both_modes,
-    db_now,
-    eventually,
-    has,
-)
+from .helpers import WAIT, both_modes, db_now, eventually, has
 
 
 @both_modes

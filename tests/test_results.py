@@ -11,23 +11,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from scoopy import (
-    Cooperation,
-    CooperationError,
-    Message,
-    PayloadError,
-    Saga,
-    Scope,
-    Topic,
-)
+from scoopy import Cooperation, CooperationError, Message, PayloadError, Saga, Scope, Topic
 
-from .apps.hierarchies import (
-    answering_sagas,
-)
-from .helpers import (
-    WAIT,
-    both_modes,
-)
+from .apps.hierarchies import answering_sagas
+from .helpers import WAIT, both_modes
 
 
 class QuoteRequest(msgspec.Struct, frozen=True):

@@ -9,12 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from scoopy import (
-    Message,
-    RetryPolicy,
-    Saga,
-    Scope,
-)
+from scoopy import Message, RetryPolicy, Saga, Scope
 
 from .helpers import (
     WAIT,

@@ -13,15 +13,9 @@ from typing import Any
 import anyio
 import asyncpg
 
-from scoopy import (
-    Message,
-    Saga,
-    Scope,
-)
+from scoopy import Message, Saga, Scope
 
-from .apps.hierarchies import (
-    three_level_sagas,
-)
+from .apps.hierarchies import three_level_sagas
 from .helpers import (
     WAIT,
     MakeCoop,

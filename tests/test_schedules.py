@@ -15,23 +15,10 @@ import asyncpg
 import msgspec
 import pytest
 
-from scoopy import (
-    Cooperation,
-    Message,
-    Saga,
-    ScoopyError,
-    Scope,
-)
+from scoopy import Cooperation, Message, Saga, ScoopyError, Scope
 from scoopy.periodic import CatchUp
 
-from .helpers import (
-    WAIT,
-    WorkerProcess,
-    both_modes,
-    db_now,
-    eventually,
-    of_saga,
-)
+from .helpers import WAIT, WorkerProcess, both_modes, db_now, eventually, of_saga
 
 APP = "tests.apps.timed:setup"
 PERIODIC = "scoopy.periodic"

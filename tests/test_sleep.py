@@ -13,20 +13,9 @@ import anyio
 import asyncpg
 import pytest
 
-from scoopy import (
-    Cooperation,
-    Message,
-    Saga,
-    Scope,
-)
+from scoopy import Cooperation, Message, Saga, Scope
 
-from .helpers import (
-    WAIT,
-    WorkerProcess,
-    both_modes,
-    db_now,
-    of_saga,
-)
+from .helpers import WAIT, WorkerProcess, both_modes, db_now, of_saga
 
 APP = "tests.apps.timed:setup"
 

@@ -9,20 +9,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from scoopy import (
-    HAPPY_PATH_DEADLINE,
-    Message,
-    Saga,
-    ScoopyError,
-    Scope,
-    deadline,
-)
+from scoopy import HAPPY_PATH_DEADLINE, Message, Saga, ScoopyError, Scope, deadline
 
-from .apps.hierarchies import (
-    is_asleep,
-    undo_target,
-    waiting_hierarchy,
-)
+from .apps.hierarchies import is_asleep, undo_target, waiting_hierarchy
 from .helpers import (
     WAIT,
     MakeCoop,

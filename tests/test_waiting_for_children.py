@@ -12,29 +12,10 @@ from typing import Any
 import anyio
 import asyncpg
 
-from scoopy import (
-    HAPPY_PATH_DEADLINE,
-    Cooperation,
-    Message,
-    Saga,
-    Scope,
-    TimeWindow,
-    deadline,
-)
+from scoopy import HAPPY_PATH_DEADLINE, Cooperation, Message, Saga, Scope, TimeWindow, deadline
 
-from .apps.hierarchies import (
-    parent_is_waiting,
-    waiting_parent,
-)
-from .helpers import (
-    WAIT,
-    both_modes,
-    eventually,
-    failure_types,
-    find,
-    has,
-    of_saga,
-)
+from .apps.hierarchies import parent_is_waiting, waiting_parent
+from .helpers import WAIT, both_modes, eventually, failure_types, find, has, of_saga
 
 # -- time window --------------------------------------------------------------------------
 

@@ -9,19 +9,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from scoopy import (
-    Cooperation,
-    Event,
-    Message,
-    Saga,
-    Scope,
-)
+from scoopy import Cooperation, Event, Message, Saga, Scope
 
-from ..helpers import (
-    MyException,
-    eventually,
-    has,
-)
+from ..helpers import MyException, eventually, has
 
 # -- seed 001: distributed stack unwinding, and a resource around a calculation ------------
 
