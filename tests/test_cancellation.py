@@ -16,6 +16,7 @@ from .helpers import (
     WAIT,
     MakeCoop,
     MyException,
+    add_step,
     both_modes,
     describe,
     failure_of,
@@ -119,10 +120,7 @@ async def test_cancelling_a_child_cancels_only_its_sub_tree(
     log: list[str] = []
     seen_by_handler: list[list[str]] = []
     parent = Saga("parent")
-
-    @parent.step()
-    async def fan_out(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("children", {})
+    fan_out = add_step(parent, "fan_out", launches="children")
 
     @fan_out.on_child_failure
     async def tolerate(
@@ -131,39 +129,13 @@ async def test_cancelling_a_child_cancels_only_its_sub_tree(
         seen_by_handler.append([f.message for f in failure.failure.walk()])
         return None
 
-    @parent.step()
-    async def after(scope: Scope, message: Message[Any]) -> None:
-        log.append("parent continues")
-
+    add_step(parent, "after", log, does="parent continues")
     slow = Saga("slow-child")
-
-    @slow.step()
-    async def start(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("grandchild", {})
-
-    @start.rollback
-    async def unstart(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo slow-child")
-
+    add_step(slow, "start", log, launches="grandchild", undo="undo slow-child")
     fast = Saga("fast-child")
-
-    @fast.step()
-    async def quick(scope: Scope, message: Message[Any]) -> None:
-        log.append("fast-child done")
-
-    @quick.rollback
-    async def unquick(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("never: sibling not cancelled")
-
+    add_step(fast, "quick", log, does="fast-child done", undo="never: sibling not cancelled")
     grandchild = Saga("grandchild")
-
-    @grandchild.step()
-    async def hold(scope: Scope, message: Message[Any]) -> None:
-        await scope.sleep(3600)
-
-    @hold.rollback
-    async def unhold(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo grandchild")
+    add_step(grandchild, "hold", log, sleeps=3600, undo="undo grandchild")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("parent", parent)
@@ -197,20 +169,9 @@ async def test_cancelling_before_a_child_started_skips_it(
     """A child that has not started when its parent is cancelled never runs."""
     log: list[str] = []
     parent = Saga("parent")
-
-    @parent.step()
-    async def order(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("child", {})
-
-    @order.rollback
-    async def unorder(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo parent")
-
+    add_step(parent, "order", log, launches="child", undo="undo parent")
     child = Saga("child")
-
-    @child.step()
-    async def pack(scope: Scope, message: Message[Any]) -> None:
-        log.append("never: skipped")
+    add_step(child, "pack", log, does="never: skipped")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("parent", parent)
@@ -240,18 +201,8 @@ async def test_cancellation_requested_during_a_rollback_does_not_stop_it(
     compensating = anyio.Event()
     proceed = anyio.Event()
     saga = Saga("transfer")
-
-    @saga.step()
-    async def debit(scope: Scope, message: Message[Any]) -> None:
-        pass
-
-    @debit.rollback
-    async def undebit(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undebit")
-
-    @saga.step()
-    async def hold(scope: Scope, message: Message[Any]) -> None:
-        pass
+    add_step(saga, "debit", log, undo="undebit")
+    hold = add_step(saga, "hold")
 
     @hold.rollback
     async def unhold(scope: Scope, message: Message[Any], f: BaseException) -> None:
@@ -259,9 +210,7 @@ async def test_cancellation_requested_during_a_rollback_does_not_stop_it(
         await proceed.wait()
         log.append("unhold")
 
-    @saga.step()
-    async def credit(scope: Scope, message: Message[Any]) -> None:
-        raise MyException("account closed")
+    add_step(saga, "credit", raises=MyException("account closed"))
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("transfer", saga)
@@ -296,9 +245,7 @@ async def test_a_cancellation_during_a_step_stops_the_run_before_it_sleeps(
         await go_on.wait()
         await scope.sleep(30)
 
-    @sleepy.step()
-    async def two(scope: Scope, message: Message[Any]) -> None:
-        pass
+    add_step(sleepy, "two")
 
     async with make_coop() as coop:
         coop.subscribe("sleepy", sleepy)

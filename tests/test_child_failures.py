@@ -25,6 +25,7 @@ from .helpers import (
     WAIT,
     MakeCoop,
     MyException,
+    add_step,
     both_modes,
     describe,
     failure_of,
@@ -119,30 +120,14 @@ async def test_several_failing_children_of_one_step_are_all_reported(
     """Two of three children fail: one ChildRolledBack with both causes; the third is undone."""
     log: list[str] = []
     parent = Saga("notifier")
-
-    @parent.step("notify all")
-    async def notify_all(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("notify", {})
-
+    add_step(parent, "notify all", launches="notify")
     sagas: list[Saga] = []
     for name, error in (("email", "smtp down"), ("sms", "no signal")):
         failing = Saga(name)
-
-        @failing.step("send")
-        async def send(scope: Scope, message: Message[Any], error: str = error) -> None:
-            raise MyException(error)
-
+        add_step(failing, "send", raises=MyException(error))
         sagas.append(failing)
     push = Saga("push")
-
-    @push.step("send")
-    async def push_send(scope: Scope, message: Message[Any]) -> None:
-        log.append("pushed")
-
-    @push_send.rollback
-    async def unpush(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("unpushed")
-
+    add_step(push, "send", log, does="pushed", undo="unpushed")
     sagas.append(push)
 
     async with make_coop(listen=listen) as coop:
@@ -176,31 +161,12 @@ async def test_several_failing_child_compensations_are_all_reported(
     """Two children fail to roll back: the parent still compensates itself; both are kept."""
     log: list[str] = []
     parent = Saga("parent")
-
-    @parent.step("fan out")
-    async def fan_out(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("work", {})
-
-    @fan_out.rollback
-    async def fan_out_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo fan out")
-
-    @parent.step("fail")
-    async def fail(scope: Scope, message: Message[Any]) -> None:
-        raise MyException("parent failed")
-
+    add_step(parent, "fan out", log, launches="work", undo="undo fan out")
+    add_step(parent, "fail", raises=MyException("parent failed"))
     sagas = []
     for name in ("x", "y"):
         child = Saga(name)
-
-        @child.step("do")
-        async def do(scope: Scope, message: Message[Any]) -> None:
-            pass
-
-        @do.rollback
-        async def undo(scope: Scope, message: Message[Any], f: BaseException) -> None:
-            raise MyException(f"cannot undo {scope.saga}")
-
+        add_step(child, "do", undo_raises=MyException(f"cannot undo {name}"))
         sagas.append(child)
 
     async with make_coop(listen=listen) as coop:
@@ -252,9 +218,7 @@ async def test_child_failure_handler_retries_and_the_saga_commits(
         await scope.launch("payment", {"try": 1})
         return None
 
-    @order.step()
-    async def ship(scope: Scope, message: Message[Any]) -> None:
-        log.append("ship")
+    add_step(order, "ship", log, does="ship")
 
     payment = Saga("payment")
 
@@ -295,14 +259,7 @@ async def test_child_failure_handler_swallows_twice_then_raises(
     log: list[str] = []
     iterations: list[int | None] = []
     order = Saga("order")
-
-    @order.step()
-    async def place(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("payment", {})
-
-    @place.rollback
-    async def unplace(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("unplace")
+    place = add_step(order, "place", log, launches="payment", undo="unplace")
 
     @place.on_child_failure
     async def retry_payment(
@@ -314,16 +271,9 @@ async def test_child_failure_handler_swallows_twice_then_raises(
         await scope.launch("payment", {})
         return None
 
-    @order.step()
-    async def ship(scope: Scope, message: Message[Any]) -> None:
-        log.append("never shipped")
-
+    add_step(order, "ship", log, does="never shipped")
     payment = Saga("payment")
-
-    @payment.step()
-    async def charge(scope: Scope, message: Message[Any]) -> None:
-        log.append("declined")
-        raise MyException("card declined")
+    add_step(payment, "charge", log, does="declined", raises=MyException("card declined"))
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("order", order)
@@ -369,10 +319,7 @@ async def test_handled_child_failure_is_consumed(make_coop: MakeCoop, listen: bo
     calls: list[int | None] = []
     log: list[str] = []
     saga = Saga("importer")
-
-    @saga.step()
-    async def optional(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("enrich", {})
+    optional = add_step(saga, "optional", launches="enrich")
 
     @optional.on_child_failure
     async def ignore(
@@ -381,26 +328,12 @@ async def test_handled_child_failure_is_consumed(make_coop: MakeCoop, listen: bo
         calls.append(scope.handler_iteration)
         return None
 
-    @saga.step()
-    async def required(scope: Scope, message: Message[Any]) -> None:
-        log.append("required")
-        await scope.launch("store", {})
-
-    @saga.step()
-    async def done(scope: Scope, message: Message[Any]) -> None:
-        log.append("done")
-
+    add_step(saga, "required", log, does="required", launches="store")
+    add_step(saga, "done", log, does="done")
     enrich = Saga("enrich")
-
-    @enrich.step()
-    async def enrich_it(scope: Scope, message: Message[Any]) -> None:
-        raise MyException("enrichment unavailable")
-
+    add_step(enrich, "enrich_it", raises=MyException("enrichment unavailable"))
     store = Saga("store")
-
-    @store.step()
-    async def store_it(scope: Scope, message: Message[Any]) -> None:
-        log.append("stored")
+    add_step(store, "store_it", log, does="stored")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("importer", saga)
@@ -423,39 +356,13 @@ async def test_failing_compensation_halts_the_child_and_the_parent_still_rolls_b
     """ROLLBACK_FAILED stops the child's rollback; the parent compensates fully, then fails."""
     log: list[str] = []
     parent = Saga("parent")
-
     logged(parent, "prepare", log)
-
-    @parent.step()
-    async def delegate(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("child", {})
-
-    @delegate.rollback
-    async def undelegate(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undelegate")
-
+    add_step(parent, "delegate", log, launches="child", undo="undelegate")
     child = Saga("child")
-
-    @child.step()
-    async def c1(scope: Scope, message: Message[Any]) -> None:
-        pass
-
-    @c1.rollback
-    async def c1_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("never: rollback halted at c2")
-
-    @child.step()
-    async def c2(scope: Scope, message: Message[Any]) -> None:
-        pass
-
-    @c2.rollback
-    async def c2_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("c2 compensation raises")
-        raise MyException("refund service down")
-
-    @child.step()
-    async def c3(scope: Scope, message: Message[Any]) -> None:
-        raise MyException("out of stock")
+    add_step(child, "c1", log, undo="never: rollback halted at c2")
+    down = MyException("refund service down")
+    add_step(child, "c2", log, undo="c2 compensation raises", undo_raises=down)
+    add_step(child, "c3", raises=MyException("out of stock"))
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("parent", parent)
@@ -513,34 +420,14 @@ async def test_a_childs_failed_rollback_does_not_stop_its_siblings_compensation(
     """
     log: list[str] = []
     parent = Saga("parent")
-
-    @parent.step()
-    async def fan_out(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("work", {})
-
-    @fan_out.rollback
-    async def fan_out_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo parent")
-
+    add_step(parent, "fan_out", log, launches="work", undo="undo parent")
     sagas = []
     for name in ("committed", "unrevertable", "clean"):
         child = Saga(name)
-
-        @child.step("one")
-        async def one(scope: Scope, message: Message[Any]) -> None:
-            pass
-
-        @one.rollback
-        async def undo_one(scope: Scope, message: Message[Any], f: BaseException) -> None:
-            log.append(f"undo {scope.saga}")
-            if scope.saga == "unrevertable":
-                raise MyException("cannot revert")
-
-        @child.step("two")
-        async def two(scope: Scope, message: Message[Any]) -> None:
-            if scope.saga != "committed":
-                raise MyException(f"{scope.saga} failed")
-
+        stuck = MyException("cannot revert") if name == "unrevertable" else None
+        add_step(child, "one", log, undo=f"undo {name}", undo_raises=stuck)
+        fails = None if name == "committed" else MyException(f"{name} failed")
+        add_step(child, "two", raises=fails)
         sagas.append(child)
 
     async with make_coop(listen=listen) as coop:

@@ -8,12 +8,10 @@ process); the event log is read with `coop.events`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio
 import asyncpg
 
-from scoopy import Message, Saga, Scope
+from scoopy import Saga
 
 from .apps.hierarchies import three_level_sagas
 from .helpers import (
@@ -21,6 +19,7 @@ from .helpers import (
     MakeCoop,
     MyException,
     WorkerProcess,
+    add_step,
     both_modes,
     describe,
     labelled,
@@ -50,57 +49,15 @@ async def test_seed001_failing_sibling_rolls_back_first_then_the_others(
     """Two parallel children: only the orders the seed guarantees are asserted."""
     log: list[str] = []
     parent = Saga("parent-handler")
-
-    @parent.step("First parent step")
-    async def parent_first(scope: Scope, message: Message[Any]) -> None:
-        log.append("1")
-        await scope.launch("child-topic", {})
-
-    @parent_first.rollback
-    async def parent_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("7")
-
-    @parent.step("Second parent step")
-    async def parent_second(scope: Scope, message: Message[Any]) -> None:
-        log.append("This will never print")
-
+    add_step(parent, "First parent step", log, does="1", launches="child-topic", undo="7")
+    add_step(parent, "Second parent step", log, does="This will never print")
     one = Saga("child-handler-1")
-
-    @one.step("First child-1 step")
-    async def one_first(scope: Scope, message: Message[Any]) -> None:
-        log.append("2a")
-
-    @one_first.rollback
-    async def one_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("6")
-
-    @one.step("Second child-1 step")
-    async def one_second(scope: Scope, message: Message[Any]) -> None:
-        log.append("3a")
-        await scope.launch("grandchild-topic", {})
-
-    @one_second.rollback
-    async def one_second_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("5")
-
+    add_step(one, "First child-1 step", log, does="2a", undo="6")
+    add_step(one, "Second child-1 step", log, does="3a", launches="grandchild-topic", undo="5")
     two = Saga("child-handler-2")
-
-    @two.step("First child-2 step")
-    async def two_first(scope: Scope, message: Message[Any]) -> None:
-        log.append("2b")
-
-    @two_first.rollback
-    async def two_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("4b")
-
-    @two.step("Second child-2 step")
-    async def two_second(scope: Scope, message: Message[Any]) -> None:
-        log.append("3b")
-        raise MyException("My exception message")
-
-    @two_second.rollback
-    async def two_second_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("never")
+    add_step(two, "First child-2 step", log, does="2b", undo="4b")
+    fails = MyException("My exception message")
+    add_step(two, "Second child-2 step", log, does="3b", raises=fails, undo="never")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("parent-topic", parent)
@@ -124,42 +81,12 @@ async def test_seed001_children_of_a_rolled_back_step_are_compensated_first(
     """A later step of the parent fails: the committed child's compensations run before its own."""
     log: list[str] = []
     parent = Saga("parent-handler")
-
-    @parent.step("First parent step")
-    async def parent_first(scope: Scope, message: Message[Any]) -> None:
-        log.append("1")
-        await scope.launch("child-topic", {})
-
-    @parent_first.rollback
-    async def parent_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("7")
-
-    @parent.step("Second parent step")
-    async def parent_second(scope: Scope, message: Message[Any]) -> None:
-        log.append("4")
-        raise MyException("My exception message")
-
-    @parent_second.rollback
-    async def parent_second_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("never")
-
+    add_step(parent, "First parent step", log, does="1", launches="child-topic", undo="7")
+    fails = MyException("My exception message")
+    add_step(parent, "Second parent step", log, does="4", raises=fails, undo="never")
     child = Saga("child-handler")
-
-    @child.step("First child step")
-    async def child_first(scope: Scope, message: Message[Any]) -> None:
-        log.append("2")
-
-    @child_first.rollback
-    async def child_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("6")
-
-    @child.step("Second child step")
-    async def child_second(scope: Scope, message: Message[Any]) -> None:
-        log.append("3")
-
-    @child_second.rollback
-    async def child_second_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("5")
+    add_step(child, "First child step", log, does="2", undo="6")
+    add_step(child, "Second child step", log, does="3", undo="5")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("parent-topic", parent)
@@ -177,17 +104,9 @@ async def test_seed001_children_of_a_rolled_back_step_are_compensated_first(
 async def test_seed003_failing_first_step_emits_nothing(make_coop: MakeCoop, listen: bool) -> None:
     """A step that launches and throws: its launch never happens; ROLLING_BACK then ROLLED_BACK."""
     root = Saga("root-handler")
-
-    @root.step("0")
-    async def step0(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("child-topic", {})
-        raise RuntimeError("Geronimo!")
-
+    add_step(root, "0", launches="child-topic", raises=RuntimeError("Geronimo!"))
     child = Saga("child-handler")
-
-    @child.step("0")
-    async def child0(scope: Scope, message: Message[Any]) -> None:
-        pass
+    add_step(child, "0")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("root-topic", root)
@@ -211,25 +130,10 @@ async def test_seed003_failing_compensation_is_rollback_failed(
 ) -> None:
     """Step 1 throws; step 0's compensation throws: ROLLBACK_FAILED on `Rollback of 0`."""
     root = Saga("root-handler")
-
-    @root.step("0")
-    async def step0(scope: Scope, message: Message[Any]) -> None:
-        pass
-
-    @step0.rollback
-    async def step0_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        raise ValueError("Geronimo again!")
-
-    @root.step("1")
-    async def step1(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("child-topic", {})
-        raise RuntimeError("Geronimo!")
-
+    add_step(root, "0", undo_raises=ValueError("Geronimo again!"))
+    add_step(root, "1", launches="child-topic", raises=RuntimeError("Geronimo!"))
     child = Saga("child-handler")
-
-    @child.step("0")
-    async def child0(scope: Scope, message: Message[Any]) -> None:
-        pass
+    add_step(child, "0")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("root-topic", root)
@@ -261,20 +165,10 @@ async def test_seed003_failing_child_rolls_back_then_its_parent(
 ) -> None:
     """The child's rollback completes first; the parent then rolls its child scopes back."""
     root = Saga("root-handler")
-
-    @root.step("0")
-    async def step0(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("child-topic", {})
-
+    add_step(root, "0", launches="child-topic")
     child = Saga("child-handler")
-
-    @child.step("0")
-    async def child0(scope: Scope, message: Message[Any]) -> None:
-        pass
-
-    @child.step("1")
-    async def child1(scope: Scope, message: Message[Any]) -> None:
-        raise RuntimeError("Geronimo!")
+    add_step(child, "0")
+    add_step(child, "1", raises=RuntimeError("Geronimo!"))
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("root-topic", root)

@@ -11,7 +11,7 @@ from typing import Any
 
 from scoopy import Cooperation, Event, Message, Saga, Scope
 
-from ..helpers import MyException, eventually, has
+from ..helpers import MyException, add_step, eventually, has
 
 # -- seed 001: distributed stack unwinding, and a resource around a calculation ------------
 
@@ -19,49 +19,17 @@ from ..helpers import MyException, eventually, has
 def three_level_sagas(log: list[str]) -> list[tuple[str, Saga]]:
     """Seed 001's 3-level example: the grandchild's second step throws; 1..9 in order."""
     parent = Saga("parent-handler")
-
-    @parent.step("First parent step")
-    async def parent_first(scope: Scope, message: Message[Any]) -> None:
-        log.append("1")
-        await scope.launch("child-topic", {})
-
-    @parent_first.rollback
-    async def parent_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("9")
-
-    @parent.step("Second parent step")
-    async def parent_second(scope: Scope, message: Message[Any]) -> None:
-        log.append("This will never print")
+    add_step(parent, "First parent step", log, does="1", launches="child-topic", undo="9")
+    add_step(parent, "Second parent step", log, does="This will never print")
 
     child = Saga("child-handler")
-
-    @child.step("First child step")
-    async def child_first(scope: Scope, message: Message[Any]) -> None:
-        log.append("2")
-
-    @child_first.rollback
-    async def child_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("8")
-
-    @child.step("Second child step")
-    async def child_second(scope: Scope, message: Message[Any]) -> None:
-        log.append("3")
-        await scope.launch("grandchild-topic", {})
-
-    @child_second.rollback
-    async def child_second_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("7")
+    add_step(child, "First child step", log, does="2", undo="8")
+    add_step(child, "Second child step", log, does="3", launches="grandchild-topic", undo="7")
 
     grandchild = Saga("grandchild-handler")
+    add_step(grandchild, "First grandchild step", log, does="4", undo="6")
 
-    @grandchild.step("First grandchild step")
-    async def grandchild_first(scope: Scope, message: Message[Any]) -> None:
-        log.append("4")
-
-    @grandchild_first.rollback
-    async def grandchild_first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("6")
-
+    # Spelled out: the test of distributed stack traces looks for this function's name.
     @grandchild.step("Second grandchild step")
     async def grandchild_second(scope: Scope, message: Message[Any]) -> None:
         log.append("5")
@@ -77,38 +45,20 @@ def three_level_sagas(log: list[str]) -> list[tuple[str, Saga]]:
 def provisioning(log: list[str], *, child_fails: bool, later_fails: bool) -> list[tuple[str, Saga]]:
     """Seed 001's resource example: spin up, launch the calculation, spin down in `finally_`."""
     root = Saga("root-handler")
-
-    @root.step()
-    async def provision(scope: Scope, message: Message[Any]) -> None:
-        log.append("spin up")
-        await scope.launch("calculate", {})
+    provision = add_step(
+        root, "provision", log, does="spin up", launches="calculate", undo="undo provision"
+    )
 
     @provision.finally_
     async def spin_down(scope: Scope, message: Message[Any]) -> None:
         log.append("spin down")
 
-    @provision.rollback
-    async def unprovision(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo provision")
-
-    @root.step()
-    async def report(scope: Scope, message: Message[Any]) -> None:
-        log.append("report")
-        if later_fails:
-            raise MyException("report failed")
+    report_fails = MyException("report failed") if later_fails else None
+    add_step(root, "report", log, does="report", raises=report_fails)
 
     calculation = Saga("calculation")
-
-    @calculation.step()
-    async def calculate(scope: Scope, message: Message[Any]) -> None:
-        log.append("calculate")
-        if child_fails:
-            raise MyException("calculation failed")
-
-    @calculate.rollback
-    async def uncalculate(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo calculate")
-
+    fails = MyException("calculation failed") if child_fails else None
+    add_step(calculation, "calculate", log, does="calculate", raises=fails, undo="undo calculate")
     return [("root", root), ("calculate", calculation)]
 
 
@@ -118,39 +68,12 @@ def provisioning(log: list[str], *, child_fails: bool, later_fails: bool) -> lis
 def waiting_hierarchy(log: list[str]) -> list[tuple[str, Saga]]:
     """parent -> child -> grandchild, the grandchild durably asleep in its first step."""
     parent = Saga("parent")
-
-    @parent.step()
-    async def order(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("child", {})
-
-    @order.rollback
-    async def unorder(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo parent")
-
+    add_step(parent, "order", log, launches="child", undo="undo parent")
     child = Saga("child")
-
-    @child.step()
-    async def pack(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("grandchild", {})
-
-    @pack.rollback
-    async def unpack(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo child")
-
+    add_step(child, "pack", log, launches="grandchild", undo="undo child")
     grandchild = Saga("grandchild")
-
-    @grandchild.step()
-    async def hold(scope: Scope, message: Message[Any]) -> None:
-        await scope.sleep(3600)
-
-    @hold.rollback
-    async def unhold(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo grandchild")
-
-    @grandchild.step()
-    async def ship(scope: Scope, message: Message[Any]) -> None:
-        log.append("never shipped")
-
+    add_step(grandchild, "hold", log, sleeps=3600, undo="undo grandchild")
+    add_step(grandchild, "ship", log, does="never shipped")
     return [("parent", parent), ("child", child), ("grandchild", grandchild)]
 
 
@@ -206,26 +129,10 @@ def waiting_parent() -> tuple[Saga, Saga, Saga, list[str]]:
     """A parent that launches to a fast saga and a (to be paused) absent one."""
     ran: list[str] = []
     parent = Saga("waiter")
-
-    @parent.step()
-    async def place(scope: Scope, message: Message[Any]) -> None:
-        ran.append("place")
-        await scope.launch("placed", {})
-
-    @place.rollback
-    async def unplace(scope: Scope, message: Message[Any], failure: BaseException) -> None:
-        ran.append("unplace")
-
-    @parent.step()
-    async def complete(scope: Scope, message: Message[Any]) -> None:
-        ran.append("complete")
-
+    add_step(parent, "place", ran, does="place", launches="placed", undo="unplace")
+    add_step(parent, "complete", ran, does="complete")
     ship = Saga("ship")
-
-    @ship.step()
-    async def dispatch(scope: Scope, message: Message[Any]) -> None:
-        ran.append("ship")
-
+    add_step(ship, "dispatch", ran, does="ship")
     absent = Saga("absent")
 
     @absent.step()
