@@ -12,20 +12,9 @@ import anyio
 from scoopy import Cooperation, CooperationError, GaveUp, Message, NextStep, Saga, Scope
 
 from .apps.hierarchies import is_asleep, waiting_hierarchy
-from .helpers import (
-    WAIT,
-    MakeCoop,
-    MyException,
-    add_step,
-    both_modes,
-    describe,
-    failure_of,
-    failure_types,
-    logged,
-    of_saga,
-    run_of,
-    wait_for_event,
-)
+from .apps.steps import MyException, add_step, logged
+from .helpers import WAIT, MakeCoop, both_modes, wait_for_event
+from .reading import describe, failure_of, failure_types, of_saga, run_of
 
 
 @both_modes

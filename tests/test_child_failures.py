@@ -21,19 +21,9 @@ from scoopy import (
 )
 
 from .apps.hierarchies import three_level_sagas
-from .helpers import (
-    WAIT,
-    MakeCoop,
-    MyException,
-    add_step,
-    both_modes,
-    describe,
-    failure_of,
-    failure_types,
-    logged,
-    of_saga,
-    run_of,
-)
+from .apps.steps import MyException, add_step, logged
+from .helpers import WAIT, MakeCoop, both_modes
+from .reading import describe, failure_of, failure_types, of_saga, run_of
 
 # -- distributed exceptions ---------------------------------------------------------------
 

@@ -22,18 +22,9 @@ from scoopy import (
     deadline,
 )
 
-from .helpers import (
-    RECHECK,
-    WAIT,
-    MakeCoop,
-    MyException,
-    both_modes,
-    describe,
-    failure_of,
-    failure_types,
-    logged,
-    of_saga,
-)
+from .apps.steps import MyException, add_step, logged
+from .helpers import RECHECK, WAIT, MakeCoop, both_modes
+from .reading import describe, failure_of, failure_types, of_saga
 
 
 @both_modes
@@ -43,28 +34,10 @@ async def test_happy_path_deadline_missed_while_waiting_for_a_slow_child(
     """The child sleeps past the inherited deadline: both give up; the failure names it."""
     log: list[str] = []
     checkout = Saga("checkout")
-
-    @checkout.step()
-    async def reserve(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("stock", {})
-
-    @reserve.rollback
-    async def unreserve(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo checkout")
-
+    add_step(checkout, "reserve", log, launches="stock", undo="undo checkout")
     stock = Saga("stock")
-
-    @stock.step()
-    async def backorder(scope: Scope, message: Message[Any]) -> None:
-        await scope.sleep(3600)
-
-    @backorder.rollback
-    async def unbackorder(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo stock")
-
-    @stock.step()
-    async def deliver(scope: Scope, message: Message[Any]) -> None:
-        log.append("never delivered")
+    add_step(stock, "backorder", log, sleeps=3600, undo="undo stock")
+    add_step(stock, "deliver", log, does="never delivered")
 
     limit = deadline(0.6, "checkout-sla")
     async with make_coop(listen=listen) as coop:
@@ -107,18 +80,8 @@ async def test_rollback_deadline_halts_a_rollback_at_the_next_boundary(
     """A compensation that outlasts the rollback deadline gives up in its own transaction."""
     log: list[str] = []
     saga = Saga("refund")
-
-    @saga.step()
-    async def first(scope: Scope, message: Message[Any]) -> None:
-        pass
-
-    @first.rollback
-    async def first_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("never: rollback deadline passed")
-
-    @saga.step()
-    async def second(scope: Scope, message: Message[Any]) -> None:
-        pass
+    add_step(saga, "first", log, undo="never: rollback deadline passed")
+    second = add_step(saga, "second")
 
     @second.rollback
     async def second_back(scope: Scope, message: Message[Any], f: BaseException) -> None:
@@ -159,14 +122,7 @@ async def test_absolute_deadline_applies_to_both_paths(make_coop: MakeCoop, list
     """Missed on the happy path, the absolute deadline also stops the rollback at once."""
     log: list[str] = []
     saga = Saga("batch")
-
-    @saga.step()
-    async def load(scope: Scope, message: Message[Any]) -> None:
-        pass
-
-    @load.rollback
-    async def unload(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("never: absolute deadline passed")
+    add_step(saga, "load", log, undo="never: absolute deadline passed")
 
     @saga.step()
     async def transform(scope: Scope, message: Message[Any]) -> None:
@@ -177,9 +133,7 @@ async def test_absolute_deadline_applies_to_both_paths(make_coop: MakeCoop, list
     async def untransform(scope: Scope, message: Message[Any], f: BaseException) -> None:
         log.append("never: absolute deadline passed")
 
-    @saga.step()
-    async def publish(scope: Scope, message: Message[Any]) -> None:
-        log.append("never published")
+    add_step(saga, "publish", log, does="never published")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("batch", saga)
@@ -229,9 +183,7 @@ async def test_a_child_cannot_loosen_an_inherited_deadline(
         seen.append(scope.context[HAPPY_PATH_DEADLINE])
         await scope.sleep(3600)
 
-    @child.step()
-    async def never(scope: Scope, message: Message[Any]) -> None:
-        pass
+    add_step(child, "never")
 
     limit = deadline(0.5, "root")
     async with make_coop(listen=listen) as coop:
@@ -273,19 +225,10 @@ async def test_a_parent_can_tighten_a_childs_deadline_and_recover(
         seen.append(scope.context[HAPPY_PATH_DEADLINE].source)
         return None
 
-    @parent.step()
-    async def proceed(scope: Scope, message: Message[Any]) -> None:
-        seen.append("proceed")
-
+    add_step(parent, "proceed", seen, does="proceed")
     supplier = Saga("supplier")
-
-    @supplier.step()
-    async def wait_for_quote(scope: Scope, message: Message[Any]) -> None:
-        await scope.sleep(3600)
-
-    @supplier.step()
-    async def answer(scope: Scope, message: Message[Any]) -> None:
-        seen.append("never answered")
+    add_step(supplier, "wait_for_quote", sleeps=3600)
+    add_step(supplier, "answer", seen, does="never answered")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("parent", parent)
@@ -330,9 +273,7 @@ async def test_give_up_if_needed_stops_a_long_step_when_its_happy_path_deadline_
     async def uncrunch(scope: Scope, message: Message[Any], f: BaseException) -> None:
         log.append("never: the failing step committed nothing to compensate")
 
-    @saga.step()
-    async def publish(scope: Scope, message: Message[Any]) -> None:
-        log.append("never: published")
+    add_step(saga, "publish", log, does="never: published")
 
     limit = deadline(1.0, "report-sla")
     async with make_coop(listen=listen) as coop:

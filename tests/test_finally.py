@@ -9,7 +9,9 @@ from typing import Any
 from scoopy import Message, Saga, Scope
 
 from .apps.hierarchies import provisioning
-from .helpers import WAIT, MakeCoop, MyException, both_modes, describe, logged, of_saga
+from .apps.steps import MyException, add_step, logged
+from .helpers import WAIT, MakeCoop, both_modes
+from .reading import describe, of_saga
 
 
 @both_modes
@@ -83,30 +85,19 @@ async def test_finally_runs_once_when_the_step_itself_raises(
     job = Saga("big-computation")
 
     logged(job, "book", log)
-
-    @job.step()
-    async def spin_up(scope: Scope, message: Message[Any]) -> None:
-        log.append("spin up")
-        await scope.launch("calculate", {})
-        raise MyException("no capacity")
+    nothing = "never: the failing step committed nothing to compensate"
+    fails = MyException("no capacity")
+    spin_up = add_step(
+        job, "spin_up", log, does="spin up", launches="calculate", raises=fails, undo=nothing
+    )
 
     @spin_up.finally_
     async def spin_down(scope: Scope, message: Message[Any]) -> None:
         log.append("spin down")
 
-    @spin_up.rollback
-    async def unspin(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("never: the failing step committed nothing to compensate")
-
-    @job.step()
-    async def report(scope: Scope, message: Message[Any]) -> None:
-        log.append("never: report")
-
+    add_step(job, "report", log, does="never: report")
     calculation = Saga("calculation")
-
-    @calculation.step()
-    async def calculate(scope: Scope, message: Message[Any]) -> None:
-        log.append("never: calculate")
+    add_step(calculation, "calculate", log, does="never: calculate")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("jobs", job)

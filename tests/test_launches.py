@@ -15,7 +15,8 @@ import asyncpg
 
 from scoopy import Cooperation, Message, NextStep, Saga, Scope
 
-from .helpers import ROOT, WAIT, both_modes, eventually, failure_types, find
+from .helpers import ROOT, WAIT, both_modes, eventually
+from .reading import failure_types, find
 
 # -- idempotent launches ------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from scoopy import Cooperation, Message, NextStep, Saga, Scope
 
-from .helpers import WAIT, MakeCoop, MyException, both_modes
+from .apps.steps import MyException
+from .helpers import WAIT, MakeCoop, both_modes
 
 
 @both_modes

@@ -13,7 +13,8 @@ import asyncpg
 
 from scoopy import Cooperation, Message, Saga, Scope
 
-from .helpers import WAIT, both_modes, db_now, eventually, has
+from .helpers import WAIT, both_modes, db_now, eventually
+from .reading import has
 
 
 @both_modes

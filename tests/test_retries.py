@@ -11,16 +11,9 @@ import pytest
 
 from scoopy import Message, RetryPolicy, Saga, Scope
 
-from .helpers import (
-    WAIT,
-    MakeCoop,
-    WorkerProcess,
-    both_modes,
-    describe,
-    failure_of,
-    of_saga,
-    wait_for_event,
-)
+from .apps.steps import add_step
+from .helpers import WAIT, MakeCoop, WorkerProcess, both_modes, wait_for_event
+from .reading import describe, failure_of, of_saga
 
 
 class Flaky(Exception):
@@ -78,9 +71,7 @@ async def test_exhausted_retries_report_every_attempt_and_roll_back(
     log: list[str] = []
     saga = Saga("importer")
 
-    @saga.step()
-    async def book(scope: Scope, message: Message[Any]) -> None:
-        pass
+    book = add_step(saga, "book")
 
     @book.rollback
     async def unbook(scope: Scope, message: Message[Any], f: BaseException) -> None:

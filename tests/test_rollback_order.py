@@ -14,17 +14,9 @@ import asyncpg
 from scoopy import Saga
 
 from .apps.hierarchies import three_level_sagas
-from .helpers import (
-    WAIT,
-    MakeCoop,
-    MyException,
-    WorkerProcess,
-    add_step,
-    both_modes,
-    describe,
-    labelled,
-    of_saga,
-)
+from .apps.steps import MyException, add_step
+from .helpers import WAIT, MakeCoop, WorkerProcess, both_modes
+from .reading import describe, labelled, of_saga
 
 # -- seed 001: distributed stack unwinding ------------------------------------------------
 

@@ -18,7 +18,8 @@ import pytest
 from scoopy import Cooperation, Message, Saga, ScoopyError, Scope
 from scoopy.periodic import CatchUp
 
-from .helpers import WAIT, WorkerProcess, both_modes, db_now, eventually, of_saga
+from .helpers import WAIT, WorkerProcess, both_modes, db_now, eventually
+from .reading import of_saga
 
 APP = "tests.apps.timed:setup"
 PERIODIC = "scoopy.periodic"

@@ -15,7 +15,8 @@ import pytest
 
 from scoopy import Cooperation, Message, Saga, Scope
 
-from .helpers import WAIT, WorkerProcess, both_modes, db_now, of_saga
+from .helpers import WAIT, WorkerProcess, both_modes, db_now
+from .reading import of_saga
 
 APP = "tests.apps.timed:setup"
 

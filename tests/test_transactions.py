@@ -11,7 +11,8 @@ import pytest
 
 from scoopy import ChildRolledBack, Cooperation, Message, Saga, Scope
 
-from .helpers import WAIT, both_modes, triples
+from .helpers import WAIT, both_modes
+from .reading import triples
 
 
 class Boom(Exception):

@@ -12,17 +12,9 @@ import pytest
 from scoopy import HAPPY_PATH_DEADLINE, Message, Saga, ScoopyError, Scope, deadline
 
 from .apps.hierarchies import is_asleep, undo_target, waiting_hierarchy
-from .helpers import (
-    WAIT,
-    MakeCoop,
-    MyException,
-    both_modes,
-    describe,
-    eventually,
-    of_saga,
-    run_of,
-    wait_for_event,
-)
+from .apps.steps import MyException, add_step
+from .helpers import WAIT, MakeCoop, both_modes, eventually, wait_for_event
+from .reading import describe, of_saga, run_of
 
 
 @both_modes
@@ -100,9 +92,7 @@ async def test_undo_is_refused_unless_the_hierarchy_committed(
     log: list[str] = []
     failing = Saga("failing")
 
-    @failing.step()
-    async def broken(scope: Scope, message: Message[Any]) -> None:
-        raise MyException("nope")
+    add_step(failing, "broken", raises=MyException("nope"))
 
     async with make_coop(listen=listen) as coop:
         for topic, saga in waiting_hierarchy(log):
@@ -188,9 +178,7 @@ async def test_undo_after_a_happy_path_deadline_passed_is_judged_by_the_rollback
     undone: list[str] = []
     saga = Saga("booking")
 
-    @saga.step()
-    async def book(scope: Scope, message: Message[Any]) -> None:
-        pass
+    book = add_step(saga, "book")
 
     @book.rollback
     async def unbook(scope: Scope, message: Message[Any], failure: BaseException) -> None:

@@ -15,7 +15,8 @@ import asyncpg
 from scoopy import HAPPY_PATH_DEADLINE, Cooperation, Message, Saga, Scope, TimeWindow, deadline
 
 from .apps.hierarchies import parent_is_waiting, waiting_parent
-from .helpers import WAIT, both_modes, eventually, failure_types, find, has, of_saga
+from .helpers import WAIT, both_modes, eventually
+from .reading import failure_types, find, has, of_saga
 
 # -- time window --------------------------------------------------------------------------
 

@@ -11,7 +11,9 @@ from typing import Any
 
 from scoopy import Cooperation, Event, Message, Saga, Scope
 
-from ..helpers import MyException, add_step, eventually, has
+from ..helpers import eventually
+from ..reading import has
+from .steps import MyException, add_step
 
 # -- seed 001: distributed stack unwinding, and a resource around a calculation ------------
 
