@@ -6,16 +6,17 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 import asyncpg
 import pytest
 
-from scoopy import Cooperation, Event
+from scoopy import Cooperation, Event, Outcome, RunHandle, Saga
 
 MakeCoop = Callable[..., Cooperation]  # the `make_coop` fixture
 
@@ -33,6 +34,20 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = WAIT
             if await check():
                 return
             await anyio.sleep(RECHECK)
+
+
+async def run_to_end(
+    coop: Cooperation, sagas: Iterable[tuple[str, Saga]], topic: str, **launch: Any
+) -> tuple[RunHandle, Outcome, list[Event]]:
+    """Start `coop` serving each (topic, saga) of `sagas`, launch `{}` onto `topic` (with the
+    options in `launch`) and wait for the hierarchy: its handle, outcome and event log."""
+    async with coop:
+        for served, saga in sagas:
+            coop.subscribe(served, saga)
+        handle = await coop.launch(topic, {}, **launch)
+        outcome = await handle.wait(timeout=WAIT)
+        events = await coop.events(handle.id)
+    return handle, outcome, events
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from scoopy import (
 
 from .apps.hierarchies import three_level_sagas
 from .apps.steps import MyException, add_step, logged
-from .helpers import WAIT, MakeCoop, both_modes
+from .helpers import WAIT, MakeCoop, both_modes, run_to_end
 from .reading import describe, failure_of, failure_types, of_saga, run_of
 
 # -- distributed exceptions ---------------------------------------------------------------
@@ -34,12 +34,9 @@ async def test_failure_nests_per_level_with_sources_and_round_trips_as_json(
 ) -> None:
     """Grandchild failure inside the child's ChildRolledBack inside the parent's; JSON is stable."""
     log: list[str] = []
-    async with make_coop(listen=listen) as coop:
-        for topic, saga in three_level_sagas(log):
-            coop.subscribe(topic, saga)
-        handle = await coop.launch("parent-topic", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen), three_level_sagas(log), "parent-topic"
+    )
 
     assert log[:5] == ["1", "2", "3", "4", "5"]
     parent_run = run_of(events, "parent-handler")
@@ -120,13 +117,11 @@ async def test_several_failing_children_of_one_step_are_all_reported(
     add_step(push, "send", log, does="pushed", undo="unpushed")
     sagas.append(push)
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("notifier", parent)
-        for saga in sagas:
-            coop.subscribe("notify", saga)
-        handle = await coop.launch("notifier", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen),
+        [("notifier", parent), *(("notify", saga) for saga in sagas)],
+        "notifier",
+    )
 
     assert outcome.status == "rolled_back"
     failure = outcome.failure
@@ -159,13 +154,11 @@ async def test_several_failing_child_compensations_are_all_reported(
         add_step(child, "do", undo_raises=MyException(f"cannot undo {name}"))
         sagas.append(child)
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("parent", parent)
-        for saga in sagas:
-            coop.subscribe("work", saga)
-        handle = await coop.launch("parent", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen),
+        [("parent", parent), *(("work", saga) for saga in sagas)],
+        "parent",
+    )
 
     assert outcome.status == "rollback_failed"
     assert log == ["undo fan out"]
@@ -218,12 +211,9 @@ async def test_child_failure_handler_retries_and_the_saga_commits(
         if message.payload["try"] == 0:
             raise MyException("card declined")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("order", order)
-        coop.subscribe("payment", payment)
-        handle = await coop.launch("order", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen), [("order", order), ("payment", payment)], "order"
+    )
 
     assert outcome.status == "committed", outcome.failure
     assert handled == [(0, ["card declined"])]
@@ -265,12 +255,9 @@ async def test_child_failure_handler_swallows_twice_then_raises(
     payment = Saga("payment")
     add_step(payment, "charge", log, does="declined", raises=MyException("card declined"))
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("order", order)
-        coop.subscribe("payment", payment)
-        handle = await coop.launch("order", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen), [("order", order), ("payment", payment)], "order"
+    )
 
     assert outcome.status == "rolled_back"
     assert iterations == [0, 1, 2]
@@ -325,11 +312,11 @@ async def test_handled_child_failure_is_consumed(make_coop: MakeCoop, listen: bo
     store = Saga("store")
     add_step(store, "store_it", log, does="stored")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("importer", saga)
-        coop.subscribe("enrich", enrich)
-        coop.subscribe("store", store)
-        outcome = await (await coop.launch("importer", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(
+        make_coop(listen=listen),
+        [("importer", saga), ("enrich", enrich), ("store", store)],
+        "importer",
+    )
 
     assert outcome.status == "committed", outcome.failure
     assert calls == [0]
@@ -354,12 +341,9 @@ async def test_failing_compensation_halts_the_child_and_the_parent_still_rolls_b
     add_step(child, "c2", log, undo="c2 compensation raises", undo_raises=down)
     add_step(child, "c3", raises=MyException("out of stock"))
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("parent", parent)
-        coop.subscribe("child", child)
-        handle = await coop.launch("parent", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen), [("parent", parent), ("child", child)], "parent"
+    )
 
     assert log == ["prepare", "c2 compensation raises", "undelegate", "unprepare"]
     assert of_saga(events, "child") == [
@@ -420,13 +404,11 @@ async def test_a_childs_failed_rollback_does_not_stop_its_siblings_compensation(
         add_step(child, "two", raises=fails)
         sagas.append(child)
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("parent", parent)
-        for saga in sagas:
-            coop.subscribe("work", saga)
-        handle = await coop.launch("parent", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen),
+        [("parent", parent), *(("work", saga) for saga in sagas)],
+        "parent",
+    )
 
     assert outcome.status == "rollback_failed"
     assert sorted(log[:2]) == ["undo clean", "undo unrevertable"]

@@ -23,7 +23,7 @@ from scoopy import (
 )
 
 from .apps.steps import MyException, add_step, logged
-from .helpers import RECHECK, WAIT, MakeCoop, both_modes
+from .helpers import RECHECK, WAIT, MakeCoop, both_modes, run_to_end
 from .reading import describe, failure_of, failure_types, of_saga
 
 
@@ -40,12 +40,12 @@ async def test_happy_path_deadline_missed_while_waiting_for_a_slow_child(
     add_step(stock, "deliver", log, does="never delivered")
 
     limit = deadline(0.6, "checkout-sla")
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("checkout", checkout)
-        coop.subscribe("stock", stock)
-        handle = await coop.launch("checkout", {}, context={HAPPY_PATH_DEADLINE: limit})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen),
+        [("checkout", checkout), ("stock", stock)],
+        "checkout",
+        context={HAPPY_PATH_DEADLINE: limit},
+    )
 
     assert outcome.status == "rolled_back"
     assert log == ["undo stock", "undo checkout"]
@@ -95,11 +95,7 @@ async def test_rollback_deadline_halts_a_rollback_at_the_next_boundary(
         scope.context[ROLLBACK_DEADLINE] = deadline(0.3, "refund-window")
         raise MyException("payment provider rejected")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("refund", saga)
-        handle = await coop.launch("refund", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(make_coop(listen=listen), [("refund", saga)], "refund")
 
     assert log == ["slow compensation"]
     assert outcome.status == "rollback_failed"
@@ -186,12 +182,12 @@ async def test_a_child_cannot_loosen_an_inherited_deadline(
     add_step(child, "never")
 
     limit = deadline(0.5, "root")
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("parent", parent)
-        coop.subscribe("child", child)
-        handle = await coop.launch("parent", {}, context={HAPPY_PATH_DEADLINE: limit})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen),
+        [("parent", parent), ("child", child)],
+        "parent",
+        context={HAPPY_PATH_DEADLINE: limit},
+    )
 
     assert [(d.at, d.source) for d in seen] == [(limit.at, "root"), (limit.at, "root")]
     assert [o.source for o in seen[0].trace] == ["launch"]
@@ -276,11 +272,9 @@ async def test_give_up_if_needed_stops_a_long_step_when_its_happy_path_deadline_
     add_step(saga, "publish", log, does="never: published")
 
     limit = deadline(1.0, "report-sla")
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("report", saga)
-        handle = await coop.launch("report", {}, context={HAPPY_PATH_DEADLINE: limit})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen), [("report", saga)], "report", context={HAPPY_PATH_DEADLINE: limit}
+    )
 
     assert outcome.status == "rolled_back"
     assert log == ["gather", "crunch", "gave up", "ungather"]

@@ -10,7 +10,7 @@ from scoopy import Message, Saga, Scope
 
 from .apps.hierarchies import provisioning
 from .apps.steps import MyException, add_step, logged
-from .helpers import WAIT, MakeCoop, both_modes
+from .helpers import MakeCoop, both_modes, run_to_end
 from .reading import describe, of_saga
 
 
@@ -18,12 +18,9 @@ from .reading import describe, of_saga
 async def test_finally_runs_once_after_children_succeed(make_coop: MakeCoop, listen: bool) -> None:
     """Children commit: `finally_` runs once, after them and before the next step."""
     log: list[str] = []
-    async with make_coop(listen=listen) as coop:
-        for topic, saga in provisioning(log, child_fails=False, later_fails=False):
-            coop.subscribe(topic, saga)
-        handle = await coop.launch("root", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen), provisioning(log, child_fails=False, later_fails=False), "root"
+    )
 
     assert outcome.status == "committed", outcome.failure
     assert log == ["spin up", "calculate", "spin down", "report"]
@@ -43,10 +40,9 @@ async def test_finally_runs_once_during_rollback_when_a_child_fails(
 ) -> None:
     """A child fails: `finally_` runs once, after the child rolled back, before the compensation."""
     log: list[str] = []
-    async with make_coop(listen=listen) as coop:
-        for topic, saga in provisioning(log, child_fails=True, later_fails=False):
-            coop.subscribe(topic, saga)
-        outcome = await (await coop.launch("root", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(
+        make_coop(listen=listen), provisioning(log, child_fails=True, later_fails=False), "root"
+    )
 
     assert outcome.status == "rolled_back"
     assert log == ["spin up", "calculate", "spin down", "undo provision"]
@@ -58,10 +54,9 @@ async def test_finally_is_not_run_again_when_a_later_step_fails(
 ) -> None:
     """`finally_` ran after the children; a later failure's rollback does not run it again."""
     log: list[str] = []
-    async with make_coop(listen=listen) as coop:
-        for topic, saga in provisioning(log, child_fails=False, later_fails=True):
-            coop.subscribe(topic, saga)
-        outcome = await (await coop.launch("root", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(
+        make_coop(listen=listen), provisioning(log, child_fails=False, later_fails=True), "root"
+    )
 
     assert outcome.status == "rolled_back"
     assert log == [
@@ -99,12 +94,9 @@ async def test_finally_runs_once_when_the_step_itself_raises(
     calculation = Saga("calculation")
     add_step(calculation, "calculate", log, does="never: calculate")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("jobs", job)
-        coop.subscribe("calculate", calculation)
-        handle = await coop.launch("jobs", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(
+        make_coop(listen=listen), [("jobs", job), ("calculate", calculation)], "jobs"
+    )
 
     assert outcome.status == "rolled_back"
     assert log == ["book", "spin up", "spin down", "unbook"]

@@ -15,7 +15,7 @@ import asyncpg
 
 from scoopy import Cooperation, Message, NextStep, Saga, Scope
 
-from .helpers import ROOT, WAIT, both_modes, eventually
+from .helpers import ROOT, WAIT, both_modes, eventually, run_to_end
 from .reading import failure_types, find
 
 # -- idempotent launches ------------------------------------------------------------------
@@ -189,10 +189,8 @@ async def test_a_step_launching_a_key_that_an_outside_launch_takes_meanwhile_get
     async def sunk(scope: Scope, message: Message[Any]) -> None:
         pass
 
-    async with make_coop() as coop:
-        coop.subscribe("go", saga)
-        coop.subscribe("sunk", sink)
-        outcome = await (await coop.launch("go", {})).wait(timeout=WAIT)
+    coop = make_coop()
+    _, outcome, _ = await run_to_end(coop, [("go", saga), ("sunk", sink)], "go")
 
     assert outcome.status == "committed", outcome.failure
     stored = await db.fetch("SELECT id FROM message WHERE key = 'K'")
@@ -225,10 +223,7 @@ async def test_the_launch_that_would_exceed_max_depth_fails(
 
         sagas.append((f"l{level}", saga))
 
-    async with make_coop(listen=listen, max_depth=3) as coop:
-        for topic, saga in sagas:
-            coop.subscribe(topic, saga)
-        outcome = await (await coop.launch("l1", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(make_coop(listen=listen, max_depth=3), sagas, "l1")
 
     assert depths == [("level1", 1), ("level2", 2), ("level3", 3)]
     assert outcome.status == "rolled_back"

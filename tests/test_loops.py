@@ -11,7 +11,7 @@ from typing import Any
 from scoopy import Cooperation, Message, NextStep, Saga, Scope
 
 from .apps.steps import MyException
-from .helpers import WAIT, MakeCoop, both_modes
+from .helpers import WAIT, MakeCoop, both_modes, run_to_end
 
 
 @both_modes
@@ -129,11 +129,7 @@ async def test_each_iteration_of_a_repeated_step_is_compensated_newest_first(
     async def fail(scope: Scope, message: Message[Any]) -> None:
         raise MyException("after the loop")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("loop", saga)
-        handle = await coop.launch("loop", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(make_coop(listen=listen), [("loop", saga)], "loop")
 
     assert outcome.status == "rolled_back"
     assert log == [

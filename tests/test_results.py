@@ -14,7 +14,7 @@ import pytest
 from scoopy import Cooperation, CooperationError, Message, PayloadError, Saga, Scope, Topic
 
 from .apps.hierarchies import answering_sagas
-from .helpers import WAIT, both_modes
+from .helpers import WAIT, both_modes, run_to_end
 
 
 class QuoteRequest(msgspec.Struct, frozen=True):
@@ -160,11 +160,11 @@ async def test_rolled_back_children_contribute_no_result(
         pass
 
     steady, flaky = answering_sagas()
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("results", parent)
-        coop.subscribe("answers", steady)
-        coop.subscribe("answers", flaky)
-        outcome = await (await coop.launch("results", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(
+        make_coop(listen=listen),
+        [("results", parent), ("answers", steady), ("answers", flaky)],
+        "results",
+    )
 
     assert outcome.status == "committed", outcome.failure
     assert seen == [{"steady": ["steady answer"]}]
@@ -191,11 +191,9 @@ async def test_results_survive_a_handled_child_failure(
         seen.append(await scope.child_results())
 
     steady, flaky = answering_sagas()
-    async with make_coop() as coop:
-        coop.subscribe("results", parent)
-        coop.subscribe("answers", steady)
-        coop.subscribe("answers", flaky)
-        outcome = await (await coop.launch("results", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(
+        make_coop(), [("results", parent), ("answers", steady), ("answers", flaky)], "results"
+    )
 
     assert outcome.status == "committed", outcome.failure
     assert seen == [{"steady": ["steady answer"]}]

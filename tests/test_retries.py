@@ -12,7 +12,7 @@ import pytest
 from scoopy import Message, RetryPolicy, Saga, Scope
 
 from .apps.steps import add_step
-from .helpers import WAIT, MakeCoop, WorkerProcess, both_modes, wait_for_event
+from .helpers import WAIT, MakeCoop, WorkerProcess, both_modes, run_to_end, wait_for_event
 from .reading import describe, failure_of, of_saga
 
 
@@ -82,11 +82,7 @@ async def test_exhausted_retries_report_every_attempt_and_roll_back(
         log.append(f"attempt {scope.attempt}")
         raise Flaky(f"attempt {scope.attempt}")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("import", saga)
-        handle = await coop.launch("import", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(make_coop(listen=listen), [("import", saga)], "import")
 
     assert outcome.status == "rolled_back"
     assert log == ["attempt 1", "attempt 2", "attempt 3", "unbook: RetriesExhausted"]
@@ -122,11 +118,7 @@ async def test_exception_outside_the_retry_policy_is_not_retried(
         attempts.append(scope.attempt)
         raise Fatal("malformed input")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("import", saga)
-        handle = await coop.launch("import", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    _, outcome, events = await run_to_end(make_coop(listen=listen), [("import", saga)], "import")
 
     assert outcome.status == "rolled_back"
     assert attempts == [1]
@@ -148,9 +140,7 @@ async def test_a_failure_after_retried_attempts_lists_every_attempt(
             raise Flaky("timeout")
         raise Fatal("malformed input")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("import", saga)
-        outcome = await (await coop.launch("import", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(make_coop(listen=listen), [("import", saga)], "import")
 
     assert outcome.status == "rolled_back"
     assert (

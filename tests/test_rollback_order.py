@@ -15,7 +15,7 @@ from scoopy import Saga
 
 from .apps.hierarchies import three_level_sagas
 from .apps.steps import MyException, add_step
-from .helpers import WAIT, MakeCoop, WorkerProcess, both_modes
+from .helpers import WAIT, MakeCoop, WorkerProcess, both_modes, run_to_end
 from .reading import describe, labelled, of_saga
 
 # -- seed 001: distributed stack unwinding ------------------------------------------------
@@ -25,10 +25,9 @@ from .reading import describe, labelled, of_saga
 async def test_seed001_three_levels_unwind_in_reverse(make_coop: MakeCoop, listen: bool) -> None:
     """Compensations run in exactly the reverse order of the steps, across three sagas."""
     log: list[str] = []
-    async with make_coop(listen=listen) as coop:
-        for topic, saga in three_level_sagas(log):
-            coop.subscribe(topic, saga)
-        outcome = await (await coop.launch("parent-topic", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(
+        make_coop(listen=listen), three_level_sagas(log), "parent-topic"
+    )
 
     assert outcome.status == "rolled_back"
     assert log == ["1", "2", "3", "4", "5", "6", "7", "8", "9"]
@@ -51,11 +50,11 @@ async def test_seed001_failing_sibling_rolls_back_first_then_the_others(
     fails = MyException("My exception message")
     add_step(two, "Second child-2 step", log, does="3b", raises=fails, undo="never")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("parent-topic", parent)
-        coop.subscribe("child-topic", one)
-        coop.subscribe("child-topic", two)
-        outcome = await (await coop.launch("parent-topic", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(
+        make_coop(listen=listen),
+        [("parent-topic", parent), ("child-topic", one), ("child-topic", two)],
+        "parent-topic",
+    )
 
     assert outcome.status == "rolled_back"
     assert log[0] == "1"
@@ -80,10 +79,9 @@ async def test_seed001_children_of_a_rolled_back_step_are_compensated_first(
     add_step(child, "First child step", log, does="2", undo="6")
     add_step(child, "Second child step", log, does="3", undo="5")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("parent-topic", parent)
-        coop.subscribe("child-topic", child)
-        outcome = await (await coop.launch("parent-topic", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(
+        make_coop(listen=listen), [("parent-topic", parent), ("child-topic", child)], "parent-topic"
+    )
 
     assert outcome.status == "rolled_back"
     assert log == ["1", "2", "3", "4", "5", "6", "7"]
@@ -100,12 +98,9 @@ async def test_seed003_failing_first_step_emits_nothing(make_coop: MakeCoop, lis
     child = Saga("child-handler")
     add_step(child, "0")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("root-topic", root)
-        coop.subscribe("child-topic", child)
-        handle = await coop.launch("root-topic", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    handle, outcome, events = await run_to_end(
+        make_coop(listen=listen), [("root-topic", root), ("child-topic", child)], "root-topic"
+    )
 
     assert outcome.status == "rolled_back"
     assert labelled(events, handle.id) == [
@@ -127,12 +122,9 @@ async def test_seed003_failing_compensation_is_rollback_failed(
     child = Saga("child-handler")
     add_step(child, "0")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("root-topic", root)
-        coop.subscribe("child-topic", child)
-        handle = await coop.launch("root-topic", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    handle, outcome, events = await run_to_end(
+        make_coop(listen=listen), [("root-topic", root), ("child-topic", child)], "root-topic"
+    )
 
     assert outcome.status == "rollback_failed"
     assert labelled(events, handle.id) == [
@@ -162,12 +154,9 @@ async def test_seed003_failing_child_rolls_back_then_its_parent(
     add_step(child, "0")
     add_step(child, "1", raises=RuntimeError("Geronimo!"))
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("root-topic", root)
-        coop.subscribe("child-topic", child)
-        handle = await coop.launch("root-topic", {})
-        outcome = await handle.wait(timeout=WAIT)
-        events = await coop.events(handle.id)
+    handle, outcome, events = await run_to_end(
+        make_coop(listen=listen), [("root-topic", root), ("child-topic", child)], "root-topic"
+    )
 
     assert outcome.status == "rolled_back"
     children = "Rollback of 0 (rolling back child scopes)"
