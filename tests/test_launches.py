@@ -15,6 +15,7 @@ import asyncpg
 
 from scoopy import Cooperation, Message, NextStep, Saga, Scope
 
+from .apps.steps import add_step
 from .helpers import ROOT, WAIT, both_modes, eventually, run_to_end
 from .reading import failure_types, find
 
@@ -146,9 +147,7 @@ async def test_two_steps_launching_one_key_at_once_both_get_the_message_that_exi
 
     kid = Saga("raced-kid")
 
-    @kid.step()
-    async def play(scope: Scope, message: Message[Any]) -> None:
-        pass
+    add_step(kid, "play")
 
     async with make_coop() as coop:
         scope_schema = coop.schema
@@ -185,9 +184,7 @@ async def test_a_step_launching_a_key_that_an_outside_launch_takes_meanwhile_get
 
     sink = Saga("sink")
 
-    @sink.step()
-    async def sunk(scope: Scope, message: Message[Any]) -> None:
-        pass
+    add_step(sink, "sunk")
 
     coop = make_coop()
     _, outcome, _ = await run_to_end(coop, [("go", saga), ("sunk", sink)], "go")

@@ -10,7 +10,7 @@ from typing import Any
 
 from scoopy import Cooperation, Message, NextStep, Saga, Scope
 
-from .apps.steps import MyException
+from .apps.steps import MyException, add_step
 from .helpers import WAIT, MakeCoop, both_modes, run_to_end
 
 
@@ -65,9 +65,8 @@ async def test_every_loop_form_waits_for_each_iterations_children(
 
     kid = Saga("loop-kid")
 
-    @kid.step()
-    async def work(scope: Scope, message: Message[Any]) -> None:
-        await scope.sleep(0.03)  # children take a while: a parent that did not wait would show
+    # Children take a while: a parent that did not wait for them would show.
+    add_step(kid, "work", sleeps=0.03)
 
     @kid.step()
     async def done(scope: Scope, message: Message[Any]) -> None:
@@ -125,9 +124,7 @@ async def test_each_iteration_of_a_repeated_step_is_compensated_newest_first(
     async def uncollect(scope: Scope, message: Message[Any], f: BaseException) -> None:
         log.append(("uncollect", scope.iteration))
 
-    @saga.step()
-    async def fail(scope: Scope, message: Message[Any]) -> None:
-        raise MyException("after the loop")
+    add_step(saga, "fail", raises=MyException("after the loop"))
 
     _, outcome, events = await run_to_end(make_coop(listen=listen), [("loop", saga)], "loop")
 
@@ -157,9 +154,7 @@ async def test_rolling_back_a_loop_compensates_each_committed_iteration_newest_f
     compensations: list[tuple[str, int]] = []
     looped = Saga("looped")
 
-    @looped.step()
-    async def prep(scope: Scope, message: Message[Any]) -> None:
-        pass
+    prep = add_step(looped, "prep")
 
     @prep.rollback
     async def unprep(scope: Scope, message: Message[Any], failure: BaseException) -> None:
@@ -178,9 +173,7 @@ async def test_rolling_back_a_loop_compensates_each_committed_iteration_newest_f
 
     child = Saga("loop-child")
 
-    @child.step()
-    async def do(scope: Scope, message: Message[Any]) -> None:
-        pass
+    do = add_step(child, "do")
 
     @do.rollback
     async def undo(scope: Scope, message: Message[Any], failure: BaseException) -> None:

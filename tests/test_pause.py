@@ -13,6 +13,7 @@ import asyncpg
 
 from scoopy import Cooperation, Message, Saga, Scope
 
+from .apps.steps import add_step
 from .helpers import WAIT, both_modes, db_now, eventually
 from .reading import has
 
@@ -113,9 +114,7 @@ async def test_a_paused_parent_is_not_finished_by_its_last_childs_transaction(
     started, release = anyio.Event(), anyio.Event()
     parent = Saga("paused-parent")
 
-    @parent.step()
-    async def spawn(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("slow-kid", {})
+    add_step(parent, "spawn", launches="slow-kid")
 
     kid = Saga("slow-kid")
 

@@ -14,6 +14,7 @@ import pytest
 from scoopy import Cooperation, CooperationError, Message, PayloadError, Saga, Scope, Topic
 
 from .apps.hierarchies import answering_sagas
+from .apps.steps import add_step
 from .helpers import WAIT, both_modes, run_to_end
 
 
@@ -145,19 +146,14 @@ async def test_rolled_back_children_contribute_no_result(
     `child_results`; its committed sibling is there."""
     seen: list[dict[str, list[Any]]] = []
     parent = Saga("results-parent")
-
-    @parent.step()
-    async def ask(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("answers", {})
+    ask = add_step(parent, "ask", launches="answers")
 
     @ask.on_child_failure
     async def tolerate(scope: Scope, message: Message[Any], failure: CooperationError) -> None:
         assert failure.failure.type == "scoopy.ChildRolledBack"
         seen.append(await scope.child_results())
 
-    @parent.step()
-    async def read(scope: Scope, message: Message[Any]) -> None:
-        pass
+    add_step(parent, "read")
 
     steady, flaky = answering_sagas()
     _, outcome, _ = await run_to_end(
@@ -177,10 +173,7 @@ async def test_results_survive_a_handled_child_failure(
     children that committed."""
     seen: list[dict[str, list[Any]]] = []
     parent = Saga("results-parent")
-
-    @parent.step()
-    async def ask(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("answers", {})
+    ask = add_step(parent, "ask", launches="answers")
 
     @ask.on_child_failure
     async def tolerate(scope: Scope, message: Message[Any], failure: CooperationError) -> None:

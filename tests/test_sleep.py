@@ -15,6 +15,7 @@ import pytest
 
 from scoopy import Cooperation, Message, Saga, Scope
 
+from .apps.steps import add_step
 from .helpers import WAIT, WorkerProcess, both_modes, db_now
 from .reading import of_saga
 
@@ -121,16 +122,9 @@ async def test_a_far_timer_does_not_stop_a_poll_only_worker_from_polling(
     """A poll-only worker that knows of a launch due in 60 s still polls every
     `poll_interval` and finds a run launched by another process right away."""
     served = Saga("served")
-
-    @served.step()
-    async def serve(scope: Scope, message: Message[Any]) -> None:
-        pass
-
+    add_step(served, "serve")
     timer = Saga("timer")
-
-    @timer.step()
-    async def ring(scope: Scope, message: Message[Any]) -> None:
-        pass
+    add_step(timer, "ring")
 
     async with (
         make_coop(listen=False) as coop,

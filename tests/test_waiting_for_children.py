@@ -15,6 +15,7 @@ import asyncpg
 from scoopy import HAPPY_PATH_DEADLINE, Cooperation, Message, Saga, Scope, TimeWindow, deadline
 
 from .apps.hierarchies import parent_is_waiting, waiting_parent
+from .apps.steps import add_step
 from .helpers import WAIT, both_modes, eventually
 from .reading import failure_types, find, has, of_saga
 
@@ -52,9 +53,7 @@ async def test_a_time_window_leaves_a_late_subscriber_behind(
 
     punctual = Saga("punctual")
 
-    @punctual.step()
-    async def aboard(scope: Scope, message: Message[Any]) -> None:
-        await scope.sleep(0.5)  # started in time, finishes after the window closed
+    add_step(punctual, "aboard", sleeps=0.5)  # started in time, finishes after the window closed
 
     @punctual.step()
     async def arrive(scope: Scope, message: Message[Any]) -> None:
@@ -167,9 +166,7 @@ async def test_unsubscribing_while_a_step_emits_to_that_saga_still_releases_the_
         await scope.connection.execute(f'INSERT INTO "{schema}".gate VALUES (1)')
         await scope.launch("placed", {})  # emitted; the commit then waits for the gate
 
-    @gated.step()
-    async def complete(scope: Scope, message: Message[Any]) -> None:
-        ran.append("complete")
+    add_step(gated, "complete", ran, does="complete")
 
     async def waiting(query: str) -> bool:
         return bool(
@@ -281,18 +278,8 @@ async def test_a_started_child_whose_saga_lost_its_workers_is_rolled_back_when_o
     parent, _, _, _ = waiting_parent()
     slow = Saga("slow")
 
-    @slow.step()
-    async def begin(scope: Scope, message: Message[Any]) -> None:
-        ran.append("begin")
-        await scope.sleep(3600)
-
-    @begin.rollback
-    async def unbegin(scope: Scope, message: Message[Any], failure: BaseException) -> None:
-        ran.append("unbegin")
-
-    @slow.step()
-    async def end(scope: Scope, message: Message[Any]) -> None:
-        ran.append("end")
+    add_step(slow, "begin", ran, does="begin", sleeps=3600, undo="unbegin")
+    add_step(slow, "end", ran, does="end")
 
     async with make_coop(listen=listen) as coop:
         coop.subscribe("orders", parent)

@@ -89,37 +89,17 @@ def is_asleep(event: Event) -> bool:
 def undo_target(log: list[str]) -> list[tuple[str, Saga]]:
     """root -> {a, b} on one message -> a's and b's own grandchildren; all compensations log."""
     root = Saga("root")
+    add_step(root, "fan_out", log, launches="kids", undo="undo root")
 
-    @root.step()
-    async def fan_out(scope: Scope, message: Message[Any]) -> None:
-        await scope.launch("kids", {})
-
-    @fan_out.rollback
-    async def fan_in(scope: Scope, message: Message[Any], f: BaseException) -> None:
-        log.append("undo root")
+    async def undo(scope: Scope, message: Message[Any], f: BaseException) -> None:
+        log.append(f"undo {scope.saga}: {type(f).__name__}")
 
     sagas: list[tuple[str, Saga]] = [("root", root)]
     for name in ("a", "b"):
         child = Saga(name)
-
-        @child.step()
-        async def delegate(scope: Scope, message: Message[Any]) -> None:
-            await scope.launch(f"{scope.saga}-grand", {})
-
-        @delegate.rollback
-        async def undelegate(scope: Scope, message: Message[Any], f: BaseException) -> None:
-            log.append(f"undo {scope.saga}: {type(f).__name__}")
-
+        add_step(child, "delegate", launches=f"{name}-grand").rollback(undo)
         grand = Saga(f"{name}-grand")
-
-        @grand.step()
-        async def work(scope: Scope, message: Message[Any]) -> None:
-            pass
-
-        @work.rollback
-        async def unwork(scope: Scope, message: Message[Any], f: BaseException) -> None:
-            log.append(f"undo {scope.saga}: {type(f).__name__}")
-
+        add_step(grand, "work").rollback(undo)
         sagas += [("kids", child), (f"{name}-grand", grand)]
     return sagas
 
@@ -171,8 +151,6 @@ def answering_sagas() -> tuple[Saga, Saga]:
     async def first(scope: Scope, message: Message[Any]) -> None:
         scope.set_result("flaky answer")
 
-    @flaky.step()
-    async def second(scope: Scope, message: Message[Any]) -> None:
-        raise MyException("flaky failed after answering")
+    add_step(flaky, "second", raises=MyException("flaky failed after answering"))
 
     return steady, flaky
