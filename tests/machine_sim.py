@@ -472,27 +472,19 @@ class Sim:
 # -- event helpers ---------------------------------------------------------------------------
 
 
+def _instance(
+    step: str, phase: Phase, index: int, instance: int, iteration: int, handler: int | None = None
+) -> EventSpec:
+    """The SUSPENDED event of one instance: of a step, a handler or a rollback sub-step."""
+    return EventSpec(EventType.SUSPENDED, step, phase, index, instance, iteration, handler)
+
+
 def suspended(step: str, index: int, instance: int, iteration: int = 0) -> EventSpec:
-    return EventSpec(
-        EventType.SUSPENDED,
-        step=step,
-        phase=Phase.STEP,
-        step_index=index,
-        instance=instance,
-        iteration=iteration,
-    )
+    return _instance(step, Phase.STEP, index, instance, iteration)
 
 
 def handled(step: str, index: int, instance: int, handler: int, iteration: int = 0) -> EventSpec:
-    return EventSpec(
-        EventType.SUSPENDED,
-        step=step,
-        phase=Phase.HANDLER,
-        step_index=index,
-        instance=instance,
-        iteration=iteration,
-        handler_iteration=handler,
-    )
+    return _instance(step, Phase.HANDLER, index, instance, iteration, handler)
 
 
 def rolling_back(
@@ -506,26 +498,12 @@ def rolling_back(
 def children_rolled_back(
     step: str, index: int, instance: int, iteration: int = 0, handler: int | None = None
 ) -> EventSpec:
-    return EventSpec(
-        EventType.SUSPENDED,
-        step=f"Rollback of {step} (rolling back child scopes)",
-        phase=Phase.CHILDREN,
-        step_index=index,
-        instance=instance,
-        iteration=iteration,
-        handler_iteration=handler,
-    )
+    name = f"Rollback of {step} (rolling back child scopes)"
+    return _instance(name, Phase.CHILDREN, index, instance, iteration, handler)
 
 
 def compensated(step: str, index: int, instance: int, iteration: int = 0) -> EventSpec:
-    return EventSpec(
-        EventType.SUSPENDED,
-        step=f"Rollback of {step}",
-        phase=Phase.COMPENSATION,
-        step_index=index,
-        instance=instance,
-        iteration=iteration,
-    )
+    return _instance(f"Rollback of {step}", Phase.COMPENSATION, index, instance, iteration)
 
 
 def committed(step: str) -> EventSpec:

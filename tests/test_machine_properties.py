@@ -5,6 +5,7 @@ compensations do, every run keeps the invariants (simulated runner: tests/machin
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from datetime import timedelta
 from itertools import pairwise
 
@@ -207,25 +208,24 @@ def check_invariants(sim: Sim) -> None:
             assert failure.causes[0] == last
 
 
-@pytest.mark.parametrize("chunk", range(8))
-def test_random_sagas_keep_the_invariants(chunk: int) -> None:
-    for seed in range(chunk * 50, chunk * 50 + 50):
-        sim = RandomSim(seed)
+def keep_the_invariants(seeds: Iterable[int], mid_transaction_deadline: bool = False) -> None:
+    """Run one random saga per seed and check the invariants of each; a failure names its seed."""
+    for seed in seeds:
+        sim = RandomSim(seed, mid_transaction_deadline)
         try:
             sim.run(max_transactions=300)
             check_invariants(sim)
         except AssertionError as exc:
             raise AssertionError(f"seed {seed}: {exc}") from exc
+
+
+@pytest.mark.parametrize("chunk", range(8))
+def test_random_sagas_keep_the_invariants(chunk: int) -> None:
+    keep_the_invariants(range(chunk * 50, chunk * 50 + 50))
 
 
 def test_random_sagas_with_a_deadline_passing_mid_transaction_keep_the_invariants() -> None:
-    for seed in range(400):
-        sim = RandomSim(seed, mid_transaction_deadline=True)
-        try:
-            sim.run(max_transactions=300)
-            check_invariants(sim)
-        except AssertionError as exc:
-            raise AssertionError(f"seed {seed}: {exc}") from exc
+    keep_the_invariants(range(400), mid_transaction_deadline=True)
 
 
 def test_random_sagas_reach_every_ending() -> None:
