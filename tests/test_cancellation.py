@@ -4,12 +4,11 @@ back, children first; what is already rolling back is not stopped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import anyio
 
-from scoopy import Cooperation, CooperationError, GaveUp, Message, NextStep, Saga, Scope
+from scoopy import CooperationError, GaveUp, Message, NextStep, Saga, Scope
 
 from .apps.hierarchies import is_asleep, waiting_hierarchy
 from .apps.steps import MyException, add_step, logged
@@ -219,7 +218,7 @@ async def test_cancellation_requested_during_a_rollback_does_not_stop_it(
 
 
 async def test_a_cancellation_during_a_step_stops_the_run_before_it_sleeps(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
 ) -> None:
     """Cancellation is checked at the end of every step: a run cancelled while its step runs
     gives up when the step ends instead of first sleeping what the step asked for (else an

@@ -7,16 +7,15 @@ from __future__ import annotations
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import anyio
 import asyncpg
 
-from scoopy import Cooperation, Message, NextStep, Saga, Scope
+from scoopy import Message, NextStep, Saga, Scope
 
 from .apps.steps import add_step
-from .helpers import ROOT, WAIT, both_modes, eventually, run_to_end
+from .helpers import ROOT, WAIT, MakeCoop, both_modes, eventually, run_to_end
 from .reading import failure_types, find
 
 # -- idempotent launches ------------------------------------------------------------------
@@ -25,7 +24,7 @@ from .reading import failure_types, find
 async def test_an_idempotent_launch_raced_from_two_processes_starts_one_hierarchy(
     dsn: str,
     schema: str,
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
 ) -> None:
     """Two `scoopy launch --key same` processes whose inserts are released at the same moment
@@ -85,7 +84,7 @@ async def test_an_idempotent_launch_raced_from_two_processes_starts_one_hierarch
 
 @both_modes
 async def test_keyed_launches_in_process_and_inside_a_step_happen_once(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
     listen: bool,
 ) -> None:
@@ -126,7 +125,7 @@ async def test_keyed_launches_in_process_and_inside_a_step_happen_once(
 
 
 async def test_two_steps_launching_one_key_at_once_both_get_the_message_that_exists(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
 ) -> None:
     """The step whose keyed launch loses the race is run again and gets the winner's
@@ -168,7 +167,7 @@ async def test_two_steps_launching_one_key_at_once_both_get_the_message_that_exi
 
 
 async def test_a_step_launching_a_key_that_an_outside_launch_takes_meanwhile_gets_that_one(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
 ) -> None:
     """`coop.launch(key=)` committing while a step holds the same key, unstored, makes the
@@ -201,7 +200,7 @@ async def test_a_step_launching_a_key_that_an_outside_launch_takes_meanwhile_get
 
 @both_modes
 async def test_the_launch_that_would_exceed_max_depth_fails(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
     listen: bool,
 ) -> None:
@@ -239,7 +238,7 @@ async def test_the_launch_that_would_exceed_max_depth_fails(
 
 @both_modes
 async def test_runaway_recursion_is_stopped_and_rolled_back(
-    make_coop: Callable[..., Cooperation], listen: bool
+    make_coop: MakeCoop, listen: bool
 ) -> None:
     """A saga that launches onto its own topic without a base case fails with
     RecursionLimitError at `max_recursion` nested runs and every run rolls back, deepest

@@ -5,10 +5,9 @@ compensates each committed iteration, newest first.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
-from scoopy import Cooperation, Message, NextStep, Saga, Scope
+from scoopy import Message, NextStep, Saga, Scope
 
 from .apps.steps import MyException, add_step
 from .helpers import WAIT, MakeCoop, both_modes, run_to_end
@@ -16,7 +15,7 @@ from .helpers import WAIT, MakeCoop, both_modes, run_to_end
 
 @both_modes
 async def test_every_loop_form_waits_for_each_iterations_children(
-    make_coop: Callable[..., Cooperation], listen: bool
+    make_coop: MakeCoop, listen: bool
 ) -> None:
     """REPEAT, goto(self), goto(an earlier step) and CONTINUE: `scope.iteration` counts
     consecutive executions of a step (reset by any other step), and every iteration's
@@ -146,7 +145,7 @@ async def test_each_iteration_of_a_repeated_step_is_compensated_newest_first(
 
 @both_modes
 async def test_rolling_back_a_loop_compensates_each_committed_iteration_newest_first(
-    make_coop: Callable[..., Cooperation], listen: bool
+    make_coop: MakeCoop, listen: bool
 ) -> None:
     """A step that committed iterations 0-2 and failed in iteration 3 is compensated three
     times, newest first, each compensation told its iteration and preceded by the rollback

@@ -4,23 +4,22 @@ the pause comes from another process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
 import asyncpg
 
-from scoopy import Cooperation, Message, Saga, Scope
+from scoopy import Message, Saga, Scope
 
 from .apps.steps import add_step
-from .helpers import WAIT, both_modes, db_now, eventually
+from .helpers import WAIT, MakeCoop, both_modes, db_now, eventually
 from .reading import has
 
 
 @both_modes
 async def test_a_paused_saga_does_not_start_until_resumed(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
     listen: bool,
 ) -> None:
@@ -64,7 +63,7 @@ async def test_a_paused_saga_does_not_start_until_resumed(
 
 @both_modes
 async def test_pausing_holds_a_run_between_steps(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
     listen: bool,
 ) -> None:
@@ -106,7 +105,7 @@ async def test_pausing_holds_a_run_between_steps(
 
 
 async def test_a_paused_parent_is_not_finished_by_its_last_childs_transaction(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
 ) -> None:
     """A child finishing while its parent's saga is paused leaves the parent waiting: the
@@ -148,7 +147,7 @@ async def test_a_paused_parent_is_not_finished_by_its_last_childs_transaction(
 
 
 async def test_pause_and_resume_from_another_process_reach_the_worker(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
 ) -> None:
     """An operator's `pause` holds a worker's runs; its `resume` (no worker of its own, so no

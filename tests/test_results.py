@@ -5,7 +5,6 @@ through `child_results`, typed by the topic; rolled-back children contribute not
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -15,7 +14,7 @@ from scoopy import Cooperation, CooperationError, Message, PayloadError, Saga, S
 
 from .apps.hierarchies import answering_sagas
 from .apps.steps import add_step
-from .helpers import WAIT, both_modes, run_to_end
+from .helpers import WAIT, MakeCoop, both_modes, run_to_end
 
 
 class QuoteRequest(msgspec.Struct, frozen=True):
@@ -35,7 +34,7 @@ RUSH: Topic[QuoteRequest] = Topic("rush-quotes", QuoteRequest, result=Quote)
 
 @both_modes
 async def test_results_of_several_children_reach_the_next_step(
-    make_coop: Callable[..., Cooperation], listen: bool
+    make_coop: MakeCoop, listen: bool
 ) -> None:
     """Fan-out to three sagas: `child_results()` maps each saga to the list of its children's
     results (two for the saga that got two messages); with a typed topic only that topic's
@@ -115,7 +114,7 @@ async def db_result(coop: Cooperation, root_id: uuid.UUID) -> Any:
 
 @both_modes
 async def test_a_result_of_the_wrong_type_fails_the_child(
-    make_coop: Callable[..., Cooperation], listen: bool
+    make_coop: MakeCoop, listen: bool
 ) -> None:
     """`set_result` validates against the topic's `result` type: a wrong value fails the step."""
     raised: list[type[BaseException]] = []
@@ -139,9 +138,7 @@ async def test_a_result_of_the_wrong_type_fails_the_child(
 
 
 @both_modes
-async def test_rolled_back_children_contribute_no_result(
-    make_coop: Callable[..., Cooperation], listen: bool
-) -> None:
+async def test_rolled_back_children_contribute_no_result(make_coop: MakeCoop, listen: bool) -> None:
     """A child that set a result and then failed (and rolled back) is absent from
     `child_results`; its committed sibling is there."""
     seen: list[dict[str, list[Any]]] = []
@@ -167,7 +164,7 @@ async def test_rolled_back_children_contribute_no_result(
 
 
 async def test_results_survive_a_handled_child_failure(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
 ) -> None:
     """After a handled child failure, the next step still sees the results of the step's
     children that committed."""

@@ -1,5 +1,5 @@
 """Retries (`RetryPolicy`): failed attempts leave nothing, exhausted retries roll back with every
-attempt's failure, a backoff survives cancellation checks and worker restarts.
+attempt's failure; a cancellation during a backoff stops the retries, a worker restart does not.
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 from scoopy import Cooperation, Message, Saga, ScoopyError, Scope
 from scoopy.periodic import CatchUp
 
-from .helpers import WAIT, WorkerProcess, both_modes, db_now, eventually
+from .helpers import WAIT, MakeCoop, WorkerProcess, both_modes, db_now, eventually
 from .reading import of_saga
 
 APP = "tests.apps.timed:setup"
@@ -47,7 +46,7 @@ async def keys_like(db: asyncpg.Connection[asyncpg.Record], prefix: str) -> list
 async def test_scheduled_launches_fire_once_across_three_workers_and_not_early(
     dsn: str,
     schema: str,
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
 ) -> None:
     """`launch(after=)` and `launch(at=)` start their runs once, with three worker processes
@@ -94,7 +93,7 @@ async def test_scheduled_launches_fire_once_across_three_workers_and_not_early(
 
 @both_modes
 async def test_a_schedule_fires_on_a_gap_free_progression_until_unscheduled(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
     listen: bool,
 ) -> None:
@@ -168,7 +167,7 @@ async def test_a_schedule_fires_on_a_gap_free_progression_until_unscheduled(
 
 
 async def test_a_key_scheduled_again_after_unschedule_fires_as_a_new_schedule(
-    make_coop: Callable[..., Cooperation], db: asyncpg.Connection[asyncpg.Record]
+    make_coop: MakeCoop, db: asyncpg.Connection[asyncpg.Record]
 ) -> None:
     """Unscheduling and scheduling the same key with the same start gives a new chain that
     fires, not the cancelled one's handle; a naive `start_at` is refused up front."""
@@ -195,7 +194,7 @@ async def test_a_key_scheduled_again_after_unschedule_fires_as_a_new_schedule(
 
 
 async def test_two_services_scheduling_one_key_at_once_start_one_chain(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
 ) -> None:
     """Concurrent `schedule` calls for one key from two Cooperations yield one chain."""
@@ -215,7 +214,7 @@ async def test_two_services_scheduling_one_key_at_once_start_one_chain(
 
 
 async def test_a_cron_schedule_is_due_on_cron_times(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
 ) -> None:
     """A cron chain's first due time is the first cron time at or after `start_at`."""
@@ -244,7 +243,7 @@ async def test_a_cron_schedule_is_due_on_cron_times(
 
 @pytest.mark.parametrize(("catch_up", "fires"), [("all", 4), ("latest", 1)])
 async def test_catch_up_after_downtime(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
     catch_up: CatchUp,
     fires: int,

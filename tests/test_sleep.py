@@ -5,7 +5,6 @@ worker restart, and a far timer does not stop a poll-only worker from polling.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,19 +12,17 @@ import anyio
 import asyncpg
 import pytest
 
-from scoopy import Cooperation, Message, Saga, Scope
+from scoopy import Message, Saga, Scope
 
 from .apps.steps import add_step
-from .helpers import WAIT, WorkerProcess, both_modes, db_now
+from .helpers import WAIT, MakeCoop, WorkerProcess, both_modes, db_now
 from .reading import of_saga
 
 APP = "tests.apps.timed:setup"
 
 
 @both_modes
-async def test_durable_sleep_delays_the_next_step(
-    make_coop: Callable[..., Cooperation], listen: bool
-) -> None:
+async def test_durable_sleep_delays_the_next_step(make_coop: MakeCoop, listen: bool) -> None:
     """`scope.sleep` and the `saga.sleep` step form hold the next step back by at least their
     duration on the database clock; the log shows one suspension per step and nothing else."""
     at: dict[str, datetime] = {}
@@ -70,7 +67,7 @@ async def test_durable_sleep_delays_the_next_step(
 async def test_a_sleeping_run_survives_a_worker_restart(
     dsn: str,
     schema: str,
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
     db: asyncpg.Connection[asyncpg.Record],
     stop: str,
 ) -> None:
@@ -117,7 +114,7 @@ async def test_a_sleeping_run_survives_a_worker_restart(
 
 
 async def test_a_far_timer_does_not_stop_a_poll_only_worker_from_polling(
-    make_coop: Callable[..., Cooperation],
+    make_coop: MakeCoop,
 ) -> None:
     """A poll-only worker that knows of a launch due in 60 s still polls every
     `poll_interval` and finds a run launched by another process right away."""

@@ -1,22 +1,22 @@
 """A parent waiting for its children: a time window leaves a late one behind; unsubscribing,
-cancellation and deadlines free a parent waiting for a child that never starts.
+cancellation and deadlines free a parent waiting for a child that never starts; a started
+child whose workers are gone is waited for, not dropped.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
 import asyncpg
 
-from scoopy import HAPPY_PATH_DEADLINE, Cooperation, Message, Saga, Scope, TimeWindow, deadline
+from scoopy import HAPPY_PATH_DEADLINE, Message, Saga, Scope, TimeWindow, deadline
 
 from .apps.hierarchies import parent_is_waiting, waiting_parent
 from .apps.steps import add_step
-from .helpers import WAIT, both_modes, eventually
+from .helpers import WAIT, MakeCoop, both_modes, eventually
 from .reading import failure_types, find, has, of_saga
 
 # -- time window --------------------------------------------------------------------------
@@ -28,7 +28,7 @@ class LeftBehind(Exception):
 
 @both_modes
 async def test_a_time_window_leaves_a_late_subscriber_behind(
-    make_coop: Callable[..., Cooperation], listen: bool
+    make_coop: MakeCoop, listen: bool
 ) -> None:
     """With `TimeWindow(0.3)` the parent waits for children that started within the window
     (even if they finish later) but not for one that had not started when it closed: that
@@ -112,7 +112,7 @@ async def test_a_time_window_leaves_a_late_subscriber_behind(
 
 @both_modes
 async def test_unsubscribing_releases_a_parent_waiting_for_an_unstarted_child(
-    make_coop: Callable[..., Cooperation], listen: bool
+    make_coop: MakeCoop, listen: bool
 ) -> None:
     """A parent waits for a child run that has not started; unsubscribing that saga (and
     `sync`) skips the run, the parent commits, and later messages no longer start it."""
@@ -144,7 +144,7 @@ async def test_unsubscribing_releases_a_parent_waiting_for_an_unstarted_child(
 
 
 async def test_unsubscribing_while_a_step_emits_to_that_saga_still_releases_the_parent(
-    make_coop: Callable[..., Cooperation], db: asyncpg.Connection[asyncpg.Record]
+    make_coop: MakeCoop, db: asyncpg.Connection[asyncpg.Record]
 ) -> None:
     """The step's emission has created a run of the saga being unsubscribed but not yet
     committed: the unsubscribe waits for that step and skips the run, so the parent is not
@@ -209,7 +209,7 @@ async def test_unsubscribing_while_a_step_emits_to_that_saga_still_releases_the_
 
 @both_modes
 async def test_a_parent_waiting_for_a_child_that_never_starts_can_be_cancelled(
-    make_coop: Callable[..., Cooperation], listen: bool
+    make_coop: MakeCoop, listen: bool
 ) -> None:
     """Cancellation frees a parent stuck waiting for a child that never starts: the child
     run is skipped and the parent rolls back (compensating what it committed)."""
@@ -239,7 +239,7 @@ async def test_a_parent_waiting_for_a_child_that_never_starts_can_be_cancelled(
 
 @both_modes
 async def test_a_parent_waiting_for_a_child_that_never_starts_misses_its_deadline(
-    make_coop: Callable[..., Cooperation], listen: bool
+    make_coop: MakeCoop, listen: bool
 ) -> None:
     """A happy-path deadline frees a parent waiting for a child that never starts: it gives
     up at the deadline (not before, not never) and rolls back."""
@@ -269,7 +269,7 @@ async def test_a_parent_waiting_for_a_child_that_never_starts_misses_its_deadlin
 
 @both_modes
 async def test_a_started_child_whose_saga_lost_its_workers_is_rolled_back_when_one_returns(
-    make_coop: Callable[..., Cooperation], listen: bool
+    make_coop: MakeCoop, listen: bool
 ) -> None:
     """A child that committed a step and then lost every worker serving its saga cannot be
     rolled back without that saga's compensations: a cancelled parent waits for it (nothing

@@ -80,6 +80,7 @@ def waiting_hierarchy(log: list[str]) -> list[tuple[str, Saga]]:
 
 
 def is_asleep(event: Event) -> bool:
+    """Whether `event` shows the grandchild of `waiting_hierarchy` asleep in its first step."""
     return event.saga == "grandchild" and event.type == "SUSPENDED" and event.step == "hold"
 
 
