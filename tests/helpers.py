@@ -5,16 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import asyncpg
 import pytest
 
-from scoopy import Event, Message, Saga, Scope
-from scoopy.saga import Step
+from scoopy import Cooperation, Event, Outcome, RunHandle, Saga
+
+MakeCoop = Callable[..., Cooperation]  # the `make_coop` fixture
 
 # Tests of the engine's semantics run twice: with LISTEN/NOTIFY and in poll-only mode.
 both_modes = pytest.mark.parametrize("listen", [True, False], ids=["listen", "poll"])
@@ -32,20 +36,18 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = WAIT
             await anyio.sleep(RECHECK)
 
 
-def triples(
-    events: Sequence[Event], *, sagas: Sequence[str] | None = None
-) -> list[tuple[str, str | None, str | None]]:
-    """(type, saga, step) of each event, optionally only for some sagas."""
-    return [
-        (e.type, e.saga, e.step)
-        for e in events
-        if sagas is None or e.saga in sagas or (e.saga is None and None in sagas)
-    ]
-
-
-def of_saga(events: Sequence[Event], saga: str) -> list[tuple[str, str | None]]:
-    """(type, step) of the events one saga's runs wrote, in order."""
-    return [(e.type, e.step) for e in events if e.saga == saga]
+async def run_to_end(
+    coop: Cooperation, sagas: Iterable[tuple[str, Saga]], topic: str, **launch: Any
+) -> tuple[RunHandle, Outcome, list[Event]]:
+    """Start `coop` serving each (topic, saga) of `sagas`, launch `{}` onto `topic` (with the
+    options in `launch`) and wait for the hierarchy: its handle, outcome and event log."""
+    async with coop:
+        for served, saga in sagas:
+            coop.subscribe(served, saga)
+        handle = await coop.launch(topic, {}, **launch)
+        outcome = await handle.wait(timeout=WAIT)
+        events = await coop.events(handle.id)
+    return handle, outcome, events
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,15 +116,21 @@ class WorkerProcess:
         await self._tg.__aexit__(None, None, None)
 
 
-def logged(saga: Saga, name: str, log: list[str]) -> Step:
-    """Add step `name` to `saga`: it appends `name` to `log`, its compensation "un" + name."""
+async def wait_for_event(
+    coop: Cooperation, root_id: uuid.UUID, match: Callable[[Event], bool]
+) -> Event:
+    """Wait until the hierarchy's event log holds a matching event, and return it."""
+    found: list[Event] = []
 
-    async def run(scope: Scope, message: Message[Any]) -> None:
-        log.append(name)
+    async def seen() -> bool:
+        found[:] = [event for event in await coop.events(root_id) if match(event)]
+        return bool(found)
 
-    async def undo(scope: Scope, message: Message[Any], failure: BaseException) -> None:
-        log.append("un" + name)
+    await eventually(seen)
+    return found[0]
 
-    step = saga.step(name)(run)
-    step.rollback(undo)
-    return step
+
+async def db_now(db: asyncpg.Connection[asyncpg.Record]) -> datetime:
+    """The database clock (the clock scoopy's timers use)."""
+    now: datetime = await db.fetchval("SELECT clock_timestamp()")
+    return now

@@ -24,7 +24,7 @@ from scoopy import (
     deadline,
 )
 
-from .helpers import WAIT, both_modes
+from .helpers import WAIT, both_modes, run_to_end
 
 PARENT = ContextKey("ParentKey", int)
 CHILD = ContextKey("ChildKey", int)
@@ -256,10 +256,9 @@ async def test_a_childs_stricter_rollback_deadline_survives_its_parents_rollback
     async def undo(scope: Scope, message: Message[Any], failure: BaseException) -> None:
         seen.append(scope.context[ROLLBACK_DEADLINE])
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("parent", parent)
-        coop.subscribe("child", child)
-        outcome = await (await coop.launch("parent", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(
+        make_coop(listen=listen), [("parent", parent), ("child", child)], "parent"
+    )
 
     assert outcome.status == "rolled_back"
     assert [(d.at, d.source) for d in seen] == [(child_limit.at, "child")]

@@ -10,7 +10,8 @@ import msgspec
 
 from scoopy import Cooperation, Message, Saga, Scope, Topic
 
-from .helpers import WAIT, both_modes, of_saga, triples
+from .helpers import WAIT, both_modes
+from .reading import of_saga, triples
 
 
 @both_modes

@@ -11,7 +11,8 @@ import pytest
 
 from scoopy import ChildRolledBack, Cooperation, Message, Saga, Scope
 
-from .helpers import WAIT, both_modes, triples
+from .helpers import WAIT, both_modes, run_to_end
+from .reading import triples
 
 
 class Boom(Exception):
@@ -113,9 +114,7 @@ async def test_a_failed_sql_statement_fails_the_step_not_the_worker(
         with contextlib.suppress(asyncpg.UndefinedTableError):
             await scope.connection.execute("SELECT * FROM no_such_table")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("bad", saga)
-        outcome = await (await coop.launch("bad", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(make_coop(listen=listen), [("bad", saga)], "bad")
 
     assert outcome.status == "rolled_back"
     assert outcome.failure is not None
@@ -138,10 +137,9 @@ async def test_failure_of_a_child_reaches_the_parent_as_a_distributed_exception(
     async def child_first(scope: Scope, message: Message[Any]) -> None:
         raise Boom("My exception message")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("parent", parent)
-        coop.subscribe("child", child)
-        outcome = await (await coop.launch("parent", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(
+        make_coop(listen=listen), [("parent", parent), ("child", child)], "parent"
+    )
 
     assert outcome.status == "rolled_back"
     failure = outcome.failure
@@ -251,9 +249,7 @@ async def test_an_error_message_with_a_nul_character_is_still_recorded(
     async def step(scope: Scope, message: Message[Any]) -> None:
         raise Boom("bad\x00byte")
 
-    async with make_coop() as coop:
-        coop.subscribe("nul", saga)
-        outcome = await (await coop.launch("nul", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(make_coop(), [("nul", saga)], "nul")
 
     assert outcome.status == "rolled_back"
     assert outcome.failure is not None and outcome.failure.message == "bad\\x00byte"
@@ -284,9 +280,7 @@ async def test_a_failing_step_context_changes_reach_its_rollback_either_way(
             await scope.connection.execute("SELECT 1")
         raise Boom("no")
 
-    async with make_coop(listen=listen) as coop:
-        coop.subscribe("marks", saga)
-        outcome = await (await coop.launch("marks", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(make_coop(listen=listen), [("marks", saga)], "marks")
 
     assert outcome.status == "rolled_back"
     assert seen == ["set by the failing step"]

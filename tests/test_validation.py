@@ -22,7 +22,7 @@ from scoopy import (
     Topic,
 )
 
-from .helpers import WAIT
+from .helpers import WAIT, run_to_end
 
 
 class Order(msgspec.Struct):
@@ -93,9 +93,7 @@ async def test_a_launch_inside_a_step_with_a_bad_payload_fails_that_step(
     async def launch_garbage(scope: Scope, message: Message[Any]) -> None:
         await scope.launch("elsewhere", {"lock": object()})
 
-    async with make_coop() as coop:
-        coop.subscribe("start", saga)
-        outcome = await (await coop.launch("start", {})).wait(timeout=WAIT)
+    _, outcome, _ = await run_to_end(make_coop(), [("start", saga)], "start")
 
     assert outcome.status == "rolled_back"
     assert outcome.failure is not None

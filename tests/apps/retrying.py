@@ -1,4 +1,4 @@
-"""A step with a retry policy, served by worker processes in tests/test_failures.py.
+"""A step with a retry policy, served by worker processes in tests/test_retries.py.
 
 Started as `python -m scoopy --dsn DSN --schema S worker tests.apps.retrying:setup`; the test
 creates the business table `attempts` in schema `$SCOOPY_TEST_SCHEMA` first. Every attempt

@@ -1,4 +1,4 @@
-"""Sagas served by worker processes in tests/test_time_and_flow.py.
+"""Sagas served by worker processes in tests/test_sleep.py and tests/test_schedules.py.
 
 Started as `python -m scoopy --dsn DSN --schema S worker tests.apps.timed:setup`; the test
 creates the business tables (`steps`, `fired`) in schema `$SCOOPY_TEST_SCHEMA` first.
