@@ -9,7 +9,9 @@ Everything runs on the private server (tests/infra/postgres.py), never the share
 Size and length come from the environment (defaults: the CI run, well under 2 minutes):
 - SCOOPY_CHAOS_SCALE (1): multiplies the load and the fault window;
 - SCOOPY_CHAOS_HIERARCHIES (400 x scale), SCOOPY_CHAOS_SECONDS (15 x scale),
-  SCOOPY_CHAOS_WORKERS (3), SCOOPY_CHAOS_KILL_EVERY (1.0 s), SCOOPY_CHAOS_SEED.
+  SCOOPY_CHAOS_WORKERS (3), SCOOPY_CHAOS_SEED, and how often each fault comes:
+  SCOOPY_CHAOS_KILL_EVERY (1.0 s, on average), SCOOPY_CHAOS_RESTART_EVERY (5.0 s),
+  SCOOPY_CHAOS_TERMINATE_EVERY (4.0 s).
 `make chaos` runs a longer one. A summary line is printed (`-s` shows it).
 
 A worker that exits by itself (not SIGKILLed by the test) is restarted so the run can still
@@ -41,6 +43,8 @@ HIERARCHIES = int(os.environ.get("SCOOPY_CHAOS_HIERARCHIES", str(int(400 * SCALE
 SECONDS = float(os.environ.get("SCOOPY_CHAOS_SECONDS", str(15 * SCALE)))
 WORKERS = int(os.environ.get("SCOOPY_CHAOS_WORKERS", "3"))
 KILL_EVERY = float(os.environ.get("SCOOPY_CHAOS_KILL_EVERY", "1.0"))
+RESTART_EVERY = float(os.environ.get("SCOOPY_CHAOS_RESTART_EVERY", "5.0"))
+TERMINATE_EVERY = float(os.environ.get("SCOOPY_CHAOS_TERMINATE_EVERY", "4.0"))
 SEED = int(os.environ.get("SCOOPY_CHAOS_SEED", str(random.randrange(1 << 30))))
 FINISH_WITHIN = 60.0 + 4 * SECONDS  # after the faults stop, for the backlog to drain
 
@@ -55,13 +59,14 @@ class Faults:
     downtime: list[float] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)  # pids of the exits already counted
+    launch_errors: dict[str, int] = field(default_factory=dict)  # retried, by type
 
     def summary(self) -> str:
         down = f" ({max(self.downtime):.2f} s max)" if self.downtime else ""
         return (
             f"SIGKILLs {self.kills}, database restarts {self.db_restarts}{down}, "
             f"terminated backends {self.terminated}; workers that died by themselves "
-            f"{len(self.unexpected_exits)}"
+            f"{len(self.unexpected_exits)}; launches retried {self.launch_errors or 0}"
         )
 
 
@@ -71,9 +76,16 @@ def first_error(output: str) -> str:
     return lines[-1].strip()[:200] if lines else output.strip()[-200:]
 
 
-async def launch_all(coop: Cooperation, roots: dict[int, uuid.UUID], rate: float) -> None:
+async def launch_all(
+    coop: Cooperation, roots: dict[int, uuid.UUID], rate: float, faults: Faults
+) -> None:
     """Launch every order at `rate` per second, through restarts: keyed, so a launch
-    retried after a lost connection cannot start a second hierarchy."""
+    retried after a lost connection cannot start a second hierarchy.
+
+    A launch during a restart raises raw driver errors today (ConnectionDoesNotExistError,
+    FileNotFoundError, even InternalClientError "cannot switch to state 12; another
+    operation (2) is in progress"): they are counted and the launch retried.
+    """
     started = time.monotonic()
     for n in range(HIERARCHIES):
         due = started + n / rate
@@ -83,18 +95,22 @@ async def launch_all(coop: Cooperation, roots: dict[int, uuid.UUID], rate: float
                 handle = await coop.launch("orders", orders.payload(n), key=f"order-{n}")
                 roots[n] = handle.id
                 break
-            except TRANSIENT:
+            except Exception as exc:
+                name = type(exc).__name__
+                faults.launch_errors[name] = faults.launch_errors.get(name, 0) + 1
                 await anyio.sleep(0.1)  # the database is restarting: try again
 
 
 async def inject(
     fleet: WorkerFleet, server: PrivateServer, faults: Faults, rng: random.Random
 ) -> None:
-    """SIGKILL and restart a worker every KILL_EVERY s; restart the database at a third
-    and at two thirds of the window; terminate a busy backend at a half and at the end."""
+    """For SECONDS: SIGKILL and restart a worker about every KILL_EVERY s, restart the
+    database (fast or immediate) every RESTART_EVERY s and terminate a backend caught
+    inside a step every TERMINATE_EVERY s."""
     started = time.monotonic()
-    planned = [(SECONDS / 3, "restart"), (SECONDS / 2, "terminate"), (2 * SECONDS / 3, "restart")]
-    planned += [(SECONDS * 0.9, "terminate")]
+    planned = [(t, "restart") for t in _times(RESTART_EVERY)]
+    planned += [(t, "terminate") for t in _times(TERMINATE_EVERY, offset=TERMINATE_EVERY / 2)]
+    planned.sort()
     next_kill = started + KILL_EVERY
     while (now := time.monotonic()) < started + SECONDS:
         await revive(fleet, faults)
@@ -116,6 +132,15 @@ async def inject(
                     await victim.start()
             next_kill = time.monotonic() + KILL_EVERY * rng.uniform(0.5, 1.5)
         await anyio.sleep(0.05)  # the fault schedule's tick
+
+
+def _times(every: float, offset: float = 0.0) -> list[float]:
+    """Fault times in the window: every `every` seconds from `every` (+ `offset`)."""
+    times, t = [], every + offset
+    while t < SECONDS - 1.0:  # not in the last second: the faults' effects are watched
+        times.append(t)
+        t += every
+    return times
 
 
 async def terminate_one_in_a_step(server: PrivateServer) -> int:
@@ -196,7 +221,7 @@ async def test_chaos_no_lost_hierarchy_no_doubled_effect(
         WorkerFleet(WORKERS, private_pg.dsn, private_schema, APP, seed=SEED) as fleet,
     ):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(launch_all, coop, roots, HIERARCHIES / (SECONDS * 0.8))
+            tg.start_soon(launch_all, coop, roots, HIERARCHIES / (SECONDS * 0.8), faults)
             await inject(fleet, private_pg, faults, rng)
         loaded = time.monotonic()
         statuses = await wait_for_all(coop, roots, fleet, faults)

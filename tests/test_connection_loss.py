@@ -14,7 +14,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from scoopy import Cooperation, Message, Saga, Scope
+from scoopy import Cooperation, DatabaseUnavailableError, Message, Saga, Scope
 
 from .infra.load import APP, count_effects, launch_orders, make_tables, progress_resumes
 from .infra.postgres import PrivateServer
@@ -186,3 +186,31 @@ async def test_a_step_whose_backend_is_terminated_runs_again_and_does_not_roll_b
     assert outcome.status == "committed", outcome.failure
     assert rows == 1  # the first attempt's write died with its transaction
     assert len(attempts) == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="found with issue 11: while the database is down, API calls raise raw driver "
+    "errors (ConnectionDoesNotExistError, FileNotFoundError) instead of "
+    "DatabaseUnavailableError",
+)
+async def test_api_calls_while_the_database_is_down_raise_database_unavailable(
+    private_pg: PrivateServer, private_schema: str
+) -> None:
+    noop = Saga("noop")
+
+    @noop.step()
+    async def nothing(scope: Scope, message: Message[object]) -> None:
+        pass
+
+    async with Cooperation(private_pg.dsn, schema=private_schema, worker=False) as coop:
+        coop.subscribe("noop", noop)  # registered, not run: this Cooperation has no worker
+        handle = await coop.launch("noop", {})
+        await anyio.to_thread.run_sync(private_pg.stop)
+        try:
+            with pytest.raises(DatabaseUnavailableError):
+                await coop.launch("noop", {})
+            with pytest.raises(DatabaseUnavailableError):
+                await coop.outcome(handle.id)
+        finally:
+            await anyio.to_thread.run_sync(private_pg.start)
