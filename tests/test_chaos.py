@@ -58,6 +58,7 @@ class Faults:
     terminated: int = 0
     downtime: list[float] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)
+    first_death: str = ""  # the end of the first such worker's output, for the report
     seen: set[int] = field(default_factory=set)  # pids of the exits already counted
     launch_errors: dict[str, int] = field(default_factory=dict)  # retried, by type
 
@@ -164,6 +165,7 @@ async def revive(fleet: WorkerFleet, faults: Faults) -> None:
     new = [exit for exit in fleet.unexpected_exits() if exit.pid not in faults.seen]
     for exit in new:
         faults.seen.add(exit.pid)
+        faults.first_death = faults.first_death or exit.output_tail[-2500:]
         faults.unexpected_exits.append(
             f"worker {exit.worker} pid {exit.pid} rc {exit.returncode}: "
             f"{first_error(exit.output_tail)}"
@@ -239,5 +241,7 @@ async def test_chaos_no_lost_hierarchy_no_doubled_effect(
     )
     for line in faults.unexpected_exits[:5]:
         print("  died:", line)
+    if faults.first_death:
+        print("  the first one's last output:\n" + faults.first_death)
     assert audit.clean, audit.details()
     assert faults.unexpected_exits == [], faults.summary()
