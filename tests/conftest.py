@@ -15,6 +15,8 @@ import structlog
 from scoopy import Cooperation
 from scoopy.postgres import embedded_dsn
 
+pytest_plugins = ["tests.infra.fixtures"]
+
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
