@@ -26,6 +26,13 @@ def _stat(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), sum(int(x) for x in fields[11:15])
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads, not its children)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 def _machine() -> tuple[int, int, int]:
     """(busy, steal, total) ticks over all CPUs."""
     values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -80,6 +87,10 @@ class CpuMeter:
             total += ticks[pid]
             stack.extend(children.get(pid, []))
         return total
+
+    @staticmethod
+    def ticks_per_second() -> int:
+        return _TICK
 
     def sample(self) -> Sample:
         busy, steal, total = _machine()
