@@ -34,15 +34,15 @@ async def _drain(url: str, jobs: int, args: argparse.Namespace) -> peers.Window:
     ran = 0
     connections = [await asyncpg.connect(url) for _ in range(args.managers)]
     try:
+
+        async def noop(job: Job) -> None:
+            nonlocal ran
+            ran += 1
+
         managers = []
         for conn in connections:
             qm = QueueManager(Queries(AsyncpgDriver(conn)))
-
-            @qm.entrypoint("noop")
-            async def noop(job: Job) -> None:
-                nonlocal ran
-                ran += 1
-
+            qm.entrypoint("noop")(noop)
             managers.append(qm)
         queries = Queries(AsyncpgDriver(connections[0]))
         await queries.enqueue(["noop"] * jobs, [None] * jobs, [0] * jobs)
