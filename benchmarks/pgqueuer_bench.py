@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import sys
-from datetime import timedelta
+import time
 
 import asyncpg
 
@@ -25,19 +25,21 @@ from . import peers
 from .report import package_version
 
 
-async def _drain(url: str, jobs: int, args: argparse.Namespace) -> peers.Window:
-    """Enqueue `jobs` no-op jobs in bulk, then drain them; the window of the drain."""
+async def _drain(url: str, jobs: int, args: argparse.Namespace) -> peers.Drained:
+    """Enqueue `jobs` no-op jobs in bulk, then drain them, timed."""
     from pgqueuer import AsyncpgDriver, Queries, QueueManager
     from pgqueuer.models import Job
     from pgqueuer.types import QueueExecutionMode
 
     ran = 0
+    last = 0.0  # when the last job ran; its completion is written (batched) after that
     connections = [await asyncpg.connect(url) for _ in range(args.managers)]
     try:
 
         async def noop(job: Job) -> None:
-            nonlocal ran
+            nonlocal ran, last
             ran += 1
+            last = time.perf_counter()
 
         managers = []
         for conn in connections:
@@ -54,9 +56,6 @@ async def _drain(url: str, jobs: int, args: argparse.Namespace) -> peers.Window:
                         batch_size=args.batch_size,
                         mode=QueueExecutionMode.drain,
                         max_concurrent_tasks=args.max_concurrent or None,
-                        # The periodic log aggregation runs every 30 s by default: never
-                        # inside a window this short, so it is left as it is.
-                        dequeue_timeout=timedelta(seconds=30),
                     )
                     for qm in managers
                 )
@@ -64,7 +63,14 @@ async def _drain(url: str, jobs: int, args: argparse.Namespace) -> peers.Window:
         left = await connections[0].fetchval("SELECT count(*) FROM pgqueuer")
         if ran != jobs or left:
             raise RuntimeError(f"{ran} of {jobs} jobs ran, {left} left in the queue")
-        return window
+        return window.drained(
+            "pgqueuer",
+            jobs,
+            last_job_seconds=last - window.started,
+            batch_size=args.batch_size,
+            managers=args.managers,
+            max_concurrent_tasks=args.max_concurrent or None,
+        )
     finally:
         for conn in connections:
             await conn.close()
@@ -79,17 +85,7 @@ async def _main(args: argparse.Namespace) -> None:
     finally:
         await conn.close()
     await _drain(args.url, args.warmup, args)
-    window = await _drain(args.url, args.jobs, args)
-    peers.report(
-        window.drained(
-            "pgqueuer",
-            args.jobs,
-            batch_size=args.batch_size,
-            managers=args.managers,
-            max_concurrent_tasks=args.max_concurrent or None,
-        ),
-        package_version("pgqueuer"),
-    )
+    peers.report(await _drain(args.url, args.jobs, args), package_version("pgqueuer"))
 
 
 def main(argv: list[str] | None = None) -> int:

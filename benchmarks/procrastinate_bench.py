@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import asyncpg
@@ -32,14 +33,16 @@ async def _main(args: argparse.Namespace) -> None:
         )
     )
     ran = 0
+    last = 0.0  # when the last job ran; the worker marks it succeeded after that
 
     async def _noop() -> None:
-        nonlocal ran
+        nonlocal ran, last
         ran += 1
+        last = time.perf_counter()
 
     noop = app.task(name="noop")(_noop)
 
-    async def drain(conn: asyncpg.Connection[Any], jobs: int) -> peers.Window:
+    async def drain(conn: asyncpg.Connection[Any], jobs: int) -> peers.Drained:
         nonlocal ran
         ran = 0
         await noop.batch_defer_async(*({} for _ in range(jobs)))
@@ -53,25 +56,23 @@ async def _main(args: argparse.Namespace) -> None:
         )
         if ran != jobs or left:
             raise RuntimeError(f"{ran} of {jobs} jobs ran, {left} did not succeed")
-        return window
+        return window.drained(
+            "procrastinate",
+            jobs,
+            last_job_seconds=last - window.started,
+            concurrency=args.concurrency,
+            pool_size=args.pool_size,
+        )
 
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
         conn = await asyncpg.connect(args.url)
         try:
             await drain(conn, args.warmup)
-            window = await drain(conn, args.jobs)
+            drained = await drain(conn, args.jobs)
         finally:
             await conn.close()
-    peers.report(
-        window.drained(
-            "procrastinate",
-            args.jobs,
-            concurrency=args.concurrency,
-            pool_size=args.pool_size,
-        ),
-        package_version("procrastinate"),
-    )
+    peers.report(drained, package_version("procrastinate"))
 
 
 def main(argv: list[str] | None = None) -> int:
