@@ -7,7 +7,8 @@ the backlog method of `workloads` with the engine out of process:
 1. a launcher (`Cooperation(worker=False)`, subscribed like the workers so that launches
    create runs) and the workers start; `warmup` roots per process are launched and
    awaited, so every worker is connected, has claimed work and is warm;
-2. the root saga is paused, `count` roots are launched (not timed), the schema ANALYZEd;
+2. the root saga is paused, `count` roots are launched in bulk (`LAUNCHER_POOL`
+   transactions, each launching its share; not timed), the schema ANALYZEd;
 3. the clock starts, the saga is resumed, and the clock stops at the last hierarchy's
    `d:<root>` notification, heard by a listener of the harness (no query competes with
    the workers); the workers' CPU time (and the server's) is read from /proc around it;
@@ -26,7 +27,15 @@ from .pg import fresh_schema
 from .procs import WorkerProcess
 from .settings import Settings
 from .watch import ChannelWatch
-from .workloads import FLAT, ONE_STEP, Shape, analyze_schema, launch_many, verify_roots
+from .workloads import (
+    FLAT,
+    ONE_STEP,
+    Shape,
+    analyze_schema,
+    launch_in_transactions,
+    launch_many,
+    verify_roots,
+)
 
 # How many connections the launcher needs: it only launches, pauses and resumes. Kept
 # small so that four workers (each `pool_size` connections and a listener) fit within
@@ -63,7 +72,9 @@ async def backlog(
                 await watch.all_done(settings.timeout)
 
                 await launcher.pause(shape.root_saga)
-                roots = await launch_many(launcher, shape.topic, count, settings, first=len(warm))
+                roots = await launch_in_transactions(
+                    launcher, shape.topic, count, settings, LAUNCHER_POOL, first=len(warm)
+                )
                 await analyze_schema(dsn, schema)
                 watch.expect(roots)
                 with Window([w.pid for w in workers], postmaster) as window:

@@ -618,7 +618,7 @@ class Suite:
                 f"{per_hierarchy:.1f} per hierarchy"
             )
             self.results.details[f"round_trips_{result.shape}"] = result.describe()
-        flat, fan, pair = counted
+        flat, fan, pair, one_step = counted
         self.results.add(
             Figure("round_trips_per_step", "SQL round trips per flat step", "", flat.per_step)
         )
@@ -631,6 +631,14 @@ class Suite:
                 "... per parent+child, launch and wait included",
                 "",
                 pair.window.total_round_trips / pair.hierarchies,
+            )
+        )
+        self.results.add(
+            Figure(
+                "one_step_round_trips_per_run",
+                "... per one-step root (the job-queue comparison's)",
+                "",
+                one_step.per_step,
             )
         )
 

@@ -133,6 +133,27 @@ async def launch_many(
     return [root for root in roots if root is not None]
 
 
+async def launch_in_transactions(
+    coop: Cooperation, topic: str, count: int, settings: Settings, parallel: int, first: int = 0
+) -> list[uuid.UUID]:
+    """Launch `count` roots over `parallel` connections, each launching its share inside
+    one transaction (one round trip per launch, one commit per connection): a bulk enqueue,
+    for backlogs whose runs wait behind a paused saga until the clock starts."""
+    shares = [range(first + k, first + count, parallel) for k in range(parallel)]
+    roots: list[list[uuid.UUID]] = [[] for _ in shares]
+
+    async def launcher(index: int) -> None:
+        async with coop.pool.acquire() as conn, conn.transaction():
+            for i in shares[index]:
+                handle = await coop.launch(topic, payload(i, settings.seed), connection=conn)
+                roots[index].append(handle.id)
+
+    async with anyio.create_task_group() as tg:
+        for index in range(parallel):
+            tg.start_soon(launcher, index)
+    return [root for share in roots for root in share]
+
+
 async def verify(s: Session, roots: list[uuid.UUID], runs_each: int) -> None:
     """Every run of these hierarchies committed, and there are as many as the shape says."""
     await verify_roots(s.dsn, s.coop.schema, roots, runs_each)
