@@ -10,6 +10,7 @@ of children that exited are in their parents' cutime/cstime, so nothing is lost.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,13 @@ def _stat(pid: int) -> tuple[int, int] | None:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads, not its children)."""
+    """User + system CPU seconds of one process (all its threads, not its children).
+
+    For this process the same figure comes at nanosecond resolution (CLOCK_PROCESS_CPUTIME_ID)
+    rather than in clock ticks (10 ms): a peer drains its jobs in well under a second.
+    """
+    if pid == os.getpid():
+        return time.process_time()
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
