@@ -22,6 +22,7 @@ from .wire import Tally, WireTap
 from .workloads import (
     FANOUT,
     FLAT,
+    ONE_STEP,
     Shape,
     backlog,
     closed_loop,
@@ -143,4 +144,5 @@ async def all_shapes(dsn: str, settings: Settings) -> list[RoundTrips]:
         await count(dsn, settings, FLAT, settings.roundtrip_roots),
         await count(dsn, settings, FANOUT, settings.roundtrip_roots),
         await pair(dsn, settings, settings.roundtrip_roots),
+        await count(dsn, settings, ONE_STEP, settings.roundtrip_roots),
     ]

@@ -10,6 +10,7 @@ of children that exited are in their parents' cutime/cstime, so nothing is lost.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,19 @@ def _stat(pid: int) -> tuple[int, int] | None:
         return None
     fields = text[text.rindex(")") + 2 :].split()
     return int(fields[1]), sum(int(x) for x in fields[11:15])
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads, not its children).
+
+    For this process the same figure comes at nanosecond resolution (CLOCK_PROCESS_CPUTIME_ID)
+    rather than in clock ticks (10 ms): a peer drains its jobs in well under a second.
+    """
+    if pid == os.getpid():
+        return time.process_time()
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def _machine() -> tuple[int, int, int]:
@@ -80,6 +94,10 @@ class CpuMeter:
             total += ticks[pid]
             stack.extend(children.get(pid, []))
         return total
+
+    @staticmethod
+    def ticks_per_second() -> int:
+        return _TICK
 
     def sample(self) -> Sample:
         busy, steal, total = _machine()

@@ -89,3 +89,12 @@ async def server_facts(dsn: str) -> dict[str, str]:
         return facts
     finally:
         await conn.close()
+
+
+async def postmaster(dsn: str) -> int | None:
+    """The server's postmaster pid, if the server runs on this host (for its CPU time)."""
+    conn = await connect(dsn)
+    try:
+        return postmaster_of(conn.get_server_pid())
+    finally:
+        await conn.close()

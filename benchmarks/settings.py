@@ -15,6 +15,9 @@ WORKLOADS = (
     "wakeup",
     "history",
     "dbos",
+    "pgqueuer",
+    "procrastinate",
+    "workers",
     "memory",
     "idle",
     "roundtrips",
@@ -42,6 +45,17 @@ class Settings:
     wakeup_inflight: int = 4
     history_runs: int = 1_000_000
     dbos_hierarchies: int = 1_000
+    # The job-queue peers: one-step scoopy roots and PgQueuer's no-op jobs, `peer_jobs` of
+    # each; Procrastinate drains ~20x slower, so it gets fewer to keep the run short
+    # (rates, not durations, are compared).
+    peer_jobs: int = 10_000
+    procrastinate_jobs: int = 2_000
+    # PgQueuer's best figure on this machine (2 cores): one queue manager, dequeue batches
+    # of 200, no cap on jobs in flight (README, "PgQueuer").
+    pgqueuer_batch_size: int = 200
+    pgqueuer_managers: int = 1
+    pgqueuer_max_concurrent: int = 0  # per manager; 0: no cap
+    worker_processes: tuple[int, ...] = (1, 2, 4)
     memory_runs: int = 10_000
     idle_sagas: int = 20
     idle_polls: int = 10  # the idle window spans this many of the worker's poll cycles
@@ -66,6 +80,8 @@ QUICK = {
     "deep_roots": 200,
     "history_runs": 1_000_000,
     "dbos_hierarchies": 300,
+    "peer_jobs": 3_000,
+    "procrastinate_jobs": 500,
     "idle_polls": 5,
     "roundtrip_roots": 100,
 }

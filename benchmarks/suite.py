@@ -18,11 +18,15 @@ from typing import Any
 
 import anyio
 
-from . import accounting, ceiling, dbos_bench, history, procs, workloads
+from . import accounting, ceiling, dbos_bench, drain, history, peers, procs, workloads
 from .machine import CpuMeter
-from .pg import fresh_schema
-from .report import NOT_RUN, Figure, Target, median
+from .pg import fresh_schema, postmaster
+from .report import NOT_RUN, Figure, Target, median, package_version
 from .settings import Settings
+
+# The job queues measured side by side with scoopy's one-step roots, and their packages.
+PEERS = {"pgqueuer": "pgqueuer", "procrastinate": "procrastinate"}
+PEERS_LABELS = {"pgqueuer": "PgQueuer", "procrastinate": "Procrastinate"}
 
 # The figures every JSON file holds at its top level, and the workloads that make each.
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -36,6 +40,11 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "history_ratio": ("history",),
     "dbos_per_s": ("dbos",),
     "scoopy_vs_dbos": ("dbos",),
+    "pgqueuer_per_s": ("pgqueuer",),
+    "scoopy_vs_pgqueuer": ("pgqueuer",),
+    "procrastinate_per_s": ("procrastinate",),
+    "scoopy_vs_procrastinate": ("procrastinate",),
+    "flat_processes_1_steps_per_s": ("workers",),
     "worker_rss_mb": ("memory",),
     "idle_queries_per_s": ("idle",),
 }
@@ -94,12 +103,16 @@ class Suite:
         groups: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         if "ceiling" in self.selected or "flat" in self.selected:
             groups.append(("ceiling+flat", self.ceiling_and_flat))
+        peer_groups = [name for name in PEERS if name in self.selected]
+        if peer_groups:
+            groups.append(("+".join(peer_groups), self.peers))
         named: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("unanalyzed", self.unanalyzed),
             ("fanout", self.fanout),
             ("deep", self.deep),
             ("wakeup", self.wakeup),
             ("dbos", self.dbos),
+            ("workers", self.workers),
             ("memory", self.memory),
             ("idle", self.idle),
             ("roundtrips", self.roundtrips),
@@ -377,6 +390,178 @@ class Suite:
         )
         r.details["dbos"] = runs
 
+    async def _peer(self, which: str, server: int | None) -> peers.Drained:
+        s = self.settings
+        pid = ["--postmaster", str(server or 0)]
+        if which == "scoopy":
+            return await drain.one_step(self.dsn, s, s.peer_jobs, server)
+        if which == "pgqueuer":
+            args = [
+                "--jobs", str(s.peer_jobs), "--warmup", str(s.warmup),
+                "--batch-size", str(s.pgqueuer_batch_size),
+                "--managers", str(s.pgqueuer_managers),
+                "--max-concurrent", str(s.pgqueuer_max_concurrent),
+            ]  # fmt: skip
+            return await peers.run("pgqueuer_bench", self.dsn, "pgqueuer", args + pid, s.timeout)
+        args = [
+            "--jobs", str(s.procrastinate_jobs), "--warmup", str(s.warmup),
+            "--concurrency", str(s.concurrency), "--pool-size", str(s.pool_size),
+        ]  # fmt: skip
+        return await peers.run(
+            "procrastinate_bench", self.dsn, "procrastinate", args + pid, s.timeout
+        )
+
+    async def peers(self) -> None:
+        """scoopy's one-step roots beside each selected job queue, in the same repetitions.
+
+        Every pair of sides swaps its order from one repetition to the next (the order is
+        reversed), and each ratio is the median of the per-repetition ratios.
+        """
+        s = self.settings
+        chosen = [name for name in PEERS if name in self.selected]
+        missing = [PEERS[name] for name in chosen if package_version(PEERS[name]) is None]
+        if missing:
+            raise RuntimeError(f"{', '.join(missing)} not installed: `pip install -e '.[bench]'`")
+        server = await postmaster(self.dsn)
+        sides = ["scoopy", *chosen]
+        rates: dict[str, list[float]] = {side: [] for side in sides}
+        cpu: dict[str, list[float]] = {side: [] for side in sides}
+        ratios: dict[str, list[float]] = {name: [] for name in chosen}
+        runs: list[dict[str, Any]] = []
+        for rep in range(s.ratio_reps):
+            measured: dict[str, peers.Drained] = {}
+            for which in sides if rep % 2 == 0 else sides[::-1]:
+                label = f"{which} drain {rep + 1}"
+                with self.observed(label):
+                    measured[which] = await self._peer(which, server)
+                done = measured[which]
+                server_cpu = done.server_cpu_us_per_item
+                self.said(
+                    label,
+                    f"{label}: {done.per_s:,.0f} items/s, worker CPU {done.cpu_us_per_item:,.0f}"
+                    " µs/item"
+                    + ("" if server_cpu is None else f", server CPU {server_cpu:,.0f} µs/item"),
+                )
+            for which, done in measured.items():
+                rates[which].append(done.per_s)
+                cpu[which].append(done.cpu_us_per_item)
+            for name in chosen:
+                ratios[name].append(measured["scoopy"].per_s / measured[name].per_s)
+            runs.append({which: done.describe() for which, done in measured.items()})
+        r = self.results
+        r.add(
+            Figure(
+                "scoopy_one_step_per_s",
+                "scoopy: one-step roots, 1 worker process",
+                "runs/s",
+                median(rates["scoopy"]),
+                rates["scoopy"],
+                note=f"{s.peer_jobs:,} roots, {s.concurrency} steps in flight",
+            )
+        )
+        if "pgqueuer" in chosen:
+            cap = s.pgqueuer_max_concurrent or "no cap"
+            r.add(
+                Figure(
+                    "pgqueuer_per_s",
+                    "PgQueuer: no-op jobs, 1 process",
+                    "jobs/s",
+                    median(rates["pgqueuer"]),
+                    rates["pgqueuer"],
+                    note=f"batch {s.pgqueuer_batch_size}, {s.pgqueuer_managers} manager(s), "
+                    f"in flight: {cap}",
+                )
+            )
+            r.add(
+                Figure(
+                    "scoopy_vs_pgqueuer",
+                    "scoopy one-step / PgQueuer",
+                    "ratio",
+                    median(ratios["pgqueuer"]),
+                    ratios["pgqueuer"],
+                    Target("min", 1.0),
+                )
+            )
+        if "procrastinate" in chosen:
+            r.add(
+                Figure(
+                    "procrastinate_per_s",
+                    "Procrastinate: no-op jobs, asyncio worker",
+                    "jobs/s",
+                    median(rates["procrastinate"]),
+                    rates["procrastinate"],
+                    note=f"{s.procrastinate_jobs:,} jobs, concurrency {s.concurrency}",
+                )
+            )
+            r.add(
+                Figure(
+                    "scoopy_vs_procrastinate",
+                    "scoopy one-step / Procrastinate",
+                    "ratio",
+                    median(ratios["procrastinate"]),
+                    ratios["procrastinate"],
+                    Target("min", 5),
+                )
+            )
+        names = {"scoopy": "scoopy one-step", **{name: PEERS_LABELS[name] for name in chosen}}
+        for which in sides:
+            r.add(
+                Figure(
+                    f"{which}_cpu_us_per_item",
+                    f"worker CPU per item, {names[which]}",
+                    "µs",
+                    median(cpu[which]),
+                    cpu[which],
+                    note="the draining process: user + system",
+                )
+            )
+        r.details["peers"] = {
+            "versions": {
+                name: package_version(name)
+                for name in ("scoopy", "pgqueuer", "procrastinate", "psycopg", "asyncpg")
+            },
+            "repetitions": runs,
+        }
+
+    async def workers(self) -> None:
+        """The flat workload drained by 1, 2 and 4 worker processes against one server."""
+        s = self.settings
+        server = await postmaster(self.dsn)
+        counts = list(s.worker_processes)
+        steps: dict[int, list[float]] = {n: [] for n in counts}
+        server_busy: dict[int, list[float]] = {n: [] for n in counts}
+        runs: list[dict[str, Any]] = []
+        for rep in self.reps():
+            for n in counts if rep % 2 == 0 else counts[::-1]:
+                label = f"flat, {n} worker process(es), rep {rep + 1}"
+                with self.observed(label):
+                    done = await drain.flat(self.dsn, s, n, server)
+                rate = done.extra["steps_per_s"]
+                steps[n].append(rate)
+                busy = done.describe()["server_cores_busy"]
+                if busy is not None:
+                    server_busy[n].append(busy)
+                runs.append(done.describe())
+                self.said(
+                    label,
+                    f"{label}: {rate:,.0f} steps/s, workers "
+                    f"{done.cpu_seconds / done.seconds:.2f} cores"
+                    + ("" if busy is None else f", server {busy:.2f} cores"),
+                )
+        for n in counts:
+            busy = f", server busy {median(server_busy[n]):.2f} cores" if server_busy[n] else ""
+            self.results.add(
+                Figure(
+                    f"flat_processes_{n}_steps_per_s",
+                    f"flat, {n} worker process{'es' if n > 1 else ''}",
+                    "steps/s",
+                    median(steps[n]),
+                    steps[n],
+                    note=f"{s.concurrency} steps in flight each{busy}",
+                )
+            )
+        self.results.details["workers"] = runs
+
     async def memory(self) -> None:
         peaks: list[float] = []
         runs: list[dict[str, Any]] = []
@@ -433,7 +618,7 @@ class Suite:
                 f"{per_hierarchy:.1f} per hierarchy"
             )
             self.results.details[f"round_trips_{result.shape}"] = result.describe()
-        flat, fan, pair = counted
+        flat, fan, pair, one_step = counted
         self.results.add(
             Figure("round_trips_per_step", "SQL round trips per flat step", "", flat.per_step)
         )
@@ -446,6 +631,14 @@ class Suite:
                 "... per parent+child, launch and wait included",
                 "",
                 pair.window.total_round_trips / pair.hierarchies,
+            )
+        )
+        self.results.add(
+            Figure(
+                "one_step_round_trips_per_run",
+                "... per one-step root (the job-queue comparison's)",
+                "",
+                one_step.per_step,
             )
         )
 

@@ -133,12 +133,37 @@ async def launch_many(
     return [root for root in roots if root is not None]
 
 
+async def launch_in_transactions(
+    coop: Cooperation, topic: str, count: int, settings: Settings, parallel: int, first: int = 0
+) -> list[uuid.UUID]:
+    """Launch `count` roots over `parallel` connections, each launching its share inside
+    one transaction (one round trip per launch, one commit per connection): a bulk enqueue,
+    for backlogs whose runs wait behind a paused saga until the clock starts."""
+    shares = [range(first + k, first + count, parallel) for k in range(parallel)]
+    roots: list[list[uuid.UUID]] = [[] for _ in shares]
+
+    async def launcher(index: int) -> None:
+        async with coop.pool.acquire() as conn, conn.transaction():
+            for i in shares[index]:
+                handle = await coop.launch(topic, payload(i, settings.seed), connection=conn)
+                roots[index].append(handle.id)
+
+    async with anyio.create_task_group() as tg:
+        for index in range(parallel):
+            tg.start_soon(launcher, index)
+    return [root for share in roots for root in share]
+
+
 async def verify(s: Session, roots: list[uuid.UUID], runs_each: int) -> None:
     """Every run of these hierarchies committed, and there are as many as the shape says."""
-    conn = await connect(s.dsn)
+    await verify_roots(s.dsn, s.coop.schema, roots, runs_each)
+
+
+async def verify_roots(dsn: str, schema: str, roots: list[uuid.UUID], runs_each: int) -> None:
+    conn = await connect(dsn)
     try:
         rows = await conn.fetch(
-            f'SELECT status, count(*) AS n FROM "{s.coop.schema}".run '
+            f'SELECT status, count(*) AS n FROM "{schema}".run '
             "WHERE root_id = ANY($1::uuid[]) GROUP BY status",
             roots,
         )
@@ -152,15 +177,16 @@ async def verify(s: Session, roots: list[uuid.UUID], runs_each: int) -> None:
 
 async def refresh_statistics(s: Session) -> None:
     """ANALYZE the session's schema (see the module's docstring for when and why)."""
-    if not s.analyze:
-        return
-    conn = await connect(s.dsn)
+    if s.analyze:
+        await analyze_schema(s.dsn, s.coop.schema)
+
+
+async def analyze_schema(dsn: str, schema: str) -> None:
+    conn = await connect(dsn)
     try:
-        tables = await conn.fetch(
-            "SELECT tablename FROM pg_tables WHERE schemaname = $1", s.coop.schema
-        )
+        tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
         for row in tables:
-            await conn.execute(f'ANALYZE "{s.coop.schema}"."{row["tablename"]}"')
+            await conn.execute(f'ANALYZE "{schema}"."{row["tablename"]}"')
     finally:
         await conn.close()
 
@@ -226,6 +252,7 @@ class Shape:
 
 
 FLAT = Shape(sagas.flat, "flat", "flat", runs_each=1, steps_each=2)
+ONE_STEP = Shape(sagas.one_step, "one_step", "one_step", runs_each=1, steps_each=1)
 FANOUT = Shape(
     sagas.fanout, "fan_root", "fan_root", runs_each=1 + sagas.FANOUT, steps_each=1 + sagas.FANOUT
 )
