@@ -49,6 +49,33 @@ def configure_logging(fmt: str, level: str) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # Libraries log through the standard module: render their records the same way, one
+    # line each. asyncpg's pool logs every failed reconnect with a traceback while the
+    # database is away; the worker already says so once, so those go to debug.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    handler.addFilter(_quiet_reconnects)
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.getLevelNamesMapping()[level.upper()])
+
+
+def _quiet_reconnects(record: logging.LogRecord) -> bool:
+    if record.name.startswith("asyncpg") and record.exc_info:
+        record.msg = f"{record.getMessage()}: {record.exc_info[1]!r}"
+        record.args = ()
+        record.exc_info = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
 
 
 def load_app(spec: str) -> Any:

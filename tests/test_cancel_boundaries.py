@@ -21,7 +21,9 @@ import pytest
 
 from scoopy import Cooperation, CooperationError, Message, NextStep, Saga, Scope
 
-from .helpers import WAIT, logged, of_saga
+from .apps.steps import logged
+from .helpers import WAIT
+from .reading import of_saga
 
 MakeCoop = Callable[..., Cooperation]
 Db: TypeAlias = "asyncpg.Connection[asyncpg.Record]"

@@ -205,11 +205,6 @@ async def wait_for_all(
 
 @pytest.mark.chaos
 @pytest.mark.timeout(max(120.0, 3 * SECONDS + FINISH_WITHIN + 60))
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 11 defect 1: a database restart or a terminated backend kills worker "
-    "processes (the test revives them, then fails on the count of unexpected exits)",
-)
 async def test_chaos_no_lost_hierarchy_no_doubled_effect(
     private_pg: PrivateServer, private_schema: str
 ) -> None:

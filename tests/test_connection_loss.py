@@ -3,10 +3,9 @@
 Real `scoopy worker` processes under load on the private server (never the shared one):
 the database is restarted fast (about 0.3 s), restarted after a crash-like stop, or one busy
 backend is terminated. Every worker process must still be alive afterwards and the work must
-go on within a few seconds of the database accepting connections again. Today the first
-dead pooled connection raises `InterfaceError: cannot call Connection.is_closed():
-connection has been released back to the pool` out of the worker's task group and the
-process exits.
+go on within a few seconds of the database accepting connections again. (asyncpg detaches
+a dead pooled connection's proxy, after which every call on it raises `InterfaceError`;
+that used to escape the worker's task group and end the process.)
 """
 
 from __future__ import annotations
@@ -24,15 +23,9 @@ from .infra.workers import WorkerFleet
 WORKERS = 3
 BACKLOG = 400  # enough work to be busy when the fault comes and for a while after
 RESUMES_WITHIN = 10.0  # "within a few seconds", with room for a loaded 2-core CI machine
-STABLE_FOR = 3.0  # today the workers die about 0.5 s after the fault: watch them longer
-
-DEFECT_1 = (
-    "issue 11 defect 1: a dead pooled connection raises InterfaceError (connection has been "
-    "released back to the pool) out of the worker's task group and the process exits"
-)
+STABLE_FOR = 3.0  # the workers used to die about 0.5 s after the fault: watch them longer
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT_1)
 async def test_workers_survive_a_fast_database_restart_under_load(
     private_pg: PrivateServer, private_schema: str
 ) -> None:
@@ -56,7 +49,6 @@ async def test_workers_survive_a_fast_database_restart_under_load(
         assert fleet.alive() == [True] * WORKERS, took
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT_1)
 async def test_workers_survive_a_crash_restart_after_an_outage(
     private_pg: PrivateServer, private_schema: str
 ) -> None:
@@ -80,7 +72,6 @@ async def test_workers_survive_a_crash_restart_after_an_outage(
         assert fleet.alive() == [True] * WORKERS
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT_1)
 async def test_a_worker_survives_its_busy_backend_being_terminated(
     private_pg: PrivateServer, private_schema: str
 ) -> None:
@@ -120,7 +111,6 @@ async def test_a_worker_survives_its_busy_backend_being_terminated(
         assert fleet.alive() == [True] * WORKERS, victims
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT_1)
 async def test_an_in_process_worker_rides_out_a_restart_and_finishes_its_hierarchies(
     private_pg: PrivateServer, private_schema: str
 ) -> None:
@@ -168,11 +158,6 @@ async def lost(scope: Scope) -> None:
             await anyio.sleep(0.01)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 defect 1: the step's dead connection surfaces as InterfaceError, which "
-    "scoopy does not treat as transient (and the worker's task group then crashes)",
-)
 async def test_a_step_whose_backend_is_terminated_runs_again_and_does_not_roll_back(
     private_pg: PrivateServer, private_schema: str
 ) -> None:
@@ -211,12 +196,6 @@ async def test_a_step_whose_backend_is_terminated_runs_again_and_does_not_roll_b
     assert len(attempts) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found with issue 11: while the database is down, API calls raise raw driver "
-    "errors (ConnectionDoesNotExistError, FileNotFoundError) instead of "
-    "DatabaseUnavailableError",
-)
 async def test_api_calls_while_the_database_is_down_raise_database_unavailable(
     private_pg: PrivateServer, private_schema: str
 ) -> None:

@@ -24,7 +24,7 @@ import structlog
 
 from ..errors import DatabaseUnavailableError, ScoopyError
 from ..postgres import embedded_dsn
-from .faults import connection_lost
+from .faults import connection_lost, gone
 
 if TYPE_CHECKING:
     Pooled: TypeAlias = asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
@@ -152,7 +152,14 @@ class Database:
         `DatabaseUnavailableError`, not as the driver's exception."""
         try:
             async with self.pool.acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except Exception as exc:
+                    # A connection lost in the middle of a call may surface as the driver's
+                    # internal-state error rather than as a connection error.
+                    if not isinstance(exc, DatabaseUnavailableError) and gone(conn):
+                        raise ConnectionResetError(repr(exc)) from exc
+                    raise
         except DatabaseUnavailableError:
             raise
         except Exception as exc:
