@@ -3,10 +3,10 @@ honoured at that step's boundary (seed 003; scoop-semantics.md §8.4).
 
 Cancellation is checked before and after every step; a step cancelled while it ran has its
 transaction discarded (its business writes and the messages it emitted are gone), the run
-rolls back from the steps before it, and the parent hears of it. Today the check after the
-step uses the cancellation state read when the run was claimed, so the step commits: on a
-middle step its writes and children survive, on a last step the run commits although
-`coop.cancel` returned True, and a parent's `on_child_failure` is never called.
+rolls back from the steps before it, and the parent hears of it. (The check after the step
+used to read the cancellation state of the claim, so the step committed: on a middle step
+its writes and children survived, on a last step the run committed although `coop.cancel`
+returned True, and a parent's `on_child_failure` was never called.)
 """
 
 from __future__ import annotations
@@ -27,11 +27,6 @@ from .reading import of_saga
 
 MakeCoop = Callable[..., Cooperation]
 Db: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
-
-LOST = (
-    "issue 12: the check after a step uses the cancellation state read at claim time, so a "
-    "step cancelled while it runs commits"
-)
 
 
 class Gate:
@@ -67,7 +62,6 @@ async def table(db: Db) -> None:
     await db.execute("CREATE TABLE effect (what text)")
 
 
-@pytest.mark.xfail(strict=True, reason=LOST)
 @pytest.mark.usefixtures("table")
 async def test_a_cancellation_during_a_middle_step_discards_that_step(
     make_coop: MakeCoop, db: Db, schema: str
@@ -116,7 +110,6 @@ async def test_a_cancellation_during_a_middle_step_discards_that_step(
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=LOST)
 @pytest.mark.usefixtures("table")
 async def test_a_cancellation_during_the_last_step_rolls_the_run_back(
     make_coop: MakeCoop, db: Db, schema: str
@@ -150,7 +143,6 @@ async def test_a_cancellation_during_the_last_step_rolls_the_run_back(
     assert [t for t, _ in of_saga(events, "job")] == ["SEEN", "ROLLING_BACK", "ROLLED_BACK"]
 
 
-@pytest.mark.xfail(strict=True, reason=LOST)
 @pytest.mark.usefixtures("table")
 async def test_a_cancelled_sub_tree_reaches_the_parent_that_handles_it(
     make_coop: MakeCoop, db: Db, schema: str

@@ -1,10 +1,12 @@
 """How the engine classifies what goes wrong in a step transaction.
 
-Three kinds of trouble, three answers:
+Four kinds of trouble, four answers:
 - transient (the connection, the server, a lost race): abandon the transaction and run the
   step again later; the saga is never rolled back for them;
 - user code that failed after writing through the step's connection (`Redo`): roll the whole
   transaction back and advance the run again with that failure in place of the code;
+- a cancellation that arrived while the step's code ran (`CancelledMeanwhile`): discard the
+  transaction and advance the run again, which then gives up at the step's boundary;
 - anything else raised by user code is the step's failure, handled by the state machine.
 """
 
@@ -74,6 +76,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
     KeyRaced,
 )
+
+
+class CancelledMeanwhile(Exception):
+    """The run (or an ancestor) was cancelled while its step's code ran: the step must not
+    commit. The transaction is discarded and the run advanced again, when it gives up."""
 
 
 class Redo(Exception):

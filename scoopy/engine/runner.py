@@ -13,7 +13,7 @@ from asyncpg.transaction import Transaction
 from ..context import CooperationContext
 from ..vocab import Connection
 from . import handover
-from .faults import DB_TRANSIENT, TRANSIENT, Redo, connection_lost, gone
+from .faults import DB_TRANSIENT, TRANSIENT, CancelledMeanwhile, Redo, connection_lost, gone
 from .instrument import log_events
 from .records import AfterCommit, Binding, Claimed, Lease, OnCommitted
 from .step import StepSettings, StepTransaction
@@ -98,10 +98,13 @@ class Runner:
                     if isinstance(exc, DB_TRANSIENT) or not advanced.touched:
                         raise
                     raise Redo(exc) from exc
-            except Redo as redo:
-                redone = await self._redo(conn, binding, claimed, redo.error, redo.context)
+            except (Redo, CancelledMeanwhile) as again:
+                # Replayed with the failure in place of the code, or (cancelled while the
+                # step ran) advanced afresh, when the run gives up at the step's boundary.
+                injected = (again.error, again.context) if isinstance(again, Redo) else None
+                redone = await self._redo(conn, binding, claimed, injected)
                 advanced = AfterCommit() if redone is None else redone
-                advanced.touched = True  # the failed attempt used the connection
+                advanced.touched = True  # the discarded attempt may have used the connection
         except TRANSIENT:
             raise
         except Exception as exc:
@@ -138,14 +141,14 @@ class Runner:
         conn: Connection,
         binding: Binding,
         claimed: Claimed,
-        error: BaseException,
-        context: CooperationContext | None,
+        injected: tuple[BaseException, CooperationContext | None] | None,
     ) -> AfterCommit | None:
-        """Redo a transaction whose user code failed after writing, without that code.
+        """Redo a transaction that was rolled back, without its user code.
 
         The rollback undid everything; the run is locked again (waiting if need be) and,
-        unless someone advanced it meanwhile, replayed with the recorded failure in place
-        of the user code. None if someone else had advanced it.
+        unless someone advanced it meanwhile, replayed with the recorded failure (`injected`)
+        in place of the user code, or, without one, advanced afresh. None if someone else
+        had advanced it.
         """
         async with conn.transaction():
             again = await self.store.reclaim(conn, claimed.id)
@@ -155,7 +158,7 @@ class Runner:
                 claimed.rollback_request,
             ):
                 return None
-            redo = StepTransaction(self.settings, conn, binding, again, injected=(error, context))
+            redo = StepTransaction(self.settings, conn, binding, again, injected=injected)
             return await redo.advance()
 
 

@@ -37,7 +37,7 @@ from ..scope import Scope, in_scope
 from ..strategy import RunView
 from ..vocab import ACTIVE, COMMITTED, HAPPY, PENDING, ROLLBACK, Connection, Path
 from .eventlog import TransactionEvents, failure_text, text
-from .faults import DB_TRANSIENT, KeyRaced, Redo, gone
+from .faults import DB_TRANSIENT, CancelledMeanwhile, KeyRaced, Redo, gone
 from .machine import (
     USER_CODE,
     Again,
@@ -128,6 +128,7 @@ class StepTransaction:
         self.reset_failed = False
         self.result: str | None = None
         self.touched = False
+        self.ran_happy_code = False  # a step or handler ran (and may not commit if cancelled)
         self.injected = injected  # a failure recorded before a redo, replayed as the user code
         self.settling = settling  # how many descendants' transaction this is
         self.state = _state_decoder.decode(claimed.state)
@@ -331,6 +332,7 @@ class StepTransaction:
             if context is not None:
                 self.context = context  # what the failed code set, as if it had not written
             return None, error
+        self.ran_happy_code = path == HAPPY
         try:
             with in_scope(scope):
                 result = await call()
@@ -527,13 +529,15 @@ class StepTransaction:
             sleeping=not terminal and state.path == HAPPY and self.pending == 0,
         )
         try:
-            parent_saga, parent_pending = await self.store.finish(
+            parent_saga, parent_pending, cancelled = await self.store.finish(
                 self.conn, write, self.settings.worker, self.settings.listen
             )
         except asyncpg.exceptions.InFailedSQLTransactionError as exc:
             if not self.touched:
                 raise
             raise Redo(exc) from exc  # user code swallowed an SQL error
+        if cancelled and self.ran_happy_code and self.cancellation is None:
+            raise CancelledMeanwhile(f"{self.source} was cancelled while its step ran")
         settled = None
         if parent_saga is not None and parent_pending == 0:
             settled = await self.settle_parent(parent_saga)

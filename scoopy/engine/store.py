@@ -129,8 +129,9 @@ class Store:
 
     async def finish(
         self, conn: Connection, write: RunWrite, worker: str, listen: bool
-    ) -> tuple[str | None, int | None]:
-        """Write the run's events and new state; return the parent's saga and pending count.
+    ) -> tuple[str | None, int | None, bool]:
+        """Write the run's events and new state; return the parent's saga and pending count,
+        and whether the run (or an ancestor) is cancelled as of now.
 
         Every event belongs to this run, or (run_id None) starts a hierarchy of its own.
         """
@@ -172,7 +173,7 @@ class Store:
             row = await conn.fetchrow(self.sql["finish"], *args)
         if row is None:
             raise RuntimeError(f"run {write.run_id} vanished while it was locked")
-        return row[0], row[1]
+        return row["parent_saga"], row["parent_pending"], row["cancelled"]
 
     async def defer(self, conn: Connection, run_id: uuid.UUID, seconds: float) -> None:
         await conn.execute(self.sql["defer"], run_id, seconds)

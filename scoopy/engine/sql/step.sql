@@ -75,16 +75,21 @@ UPDATE {q}.run
        updated_at = clock_timestamp()
  WHERE id = $1
 
+-- name: _cancelled
+-- Whether the run or an ancestor is cancelled now (a new snapshot, after the step's code):
+-- a step cancelled while it ran must not commit.
+EXISTS (SELECT 1 FROM {q}.cancellation c WHERE c.target = ANY ($16::uuid[])) AS cancelled
+
 -- name: finish
 WITH {_events}
 {_run_update}
-RETURNING NULL::text AS parent_saga, NULL::int AS parent_pending
+RETURNING NULL::text AS parent_saga, NULL::int AS parent_pending, {_cancelled}
 
 -- name: finish_notify
 WITH {_events}, nt AS (SELECT pg_notify($18, n) FROM unnest($19::text[]) AS n)
 {_run_update}
 RETURNING NULL::text AS parent_saga, NULL::int AS parent_pending,
-          (SELECT count(*) FROM nt) AS notified
+          (SELECT count(*) FROM nt) AS notified, {_cancelled}
 
 -- name: finish_parent
 -- The finished run was awaited by its parent: one child fewer to wait for, and the
@@ -107,7 +112,7 @@ WITH {_events}, parent AS (
 {_run_update}
 RETURNING (SELECT saga FROM parent) AS parent_saga,
           (SELECT pending FROM parent) AS parent_pending,
-          (SELECT count(*) FROM nt) AS notified
+          (SELECT count(*) FROM nt) AS notified, {_cancelled}
 
 -- name: child_failures
 SELECT saga, id, status, failure::text AS failure,
