@@ -35,7 +35,7 @@ from .failure import (
 )
 from .message import Message, Topic
 from .periodic import CatchUp, Schedule
-from .results import Event, Outcome, RunInfo, RunSummary
+from .results import Event, Outcome, RunInfo, RunSummary, SubscriptionInfo
 from .saga import NextStep, RetryPolicy, Saga, Step
 from .scope import Scope, current_scope
 from .strategy import EventLoopStrategy, RunView, TimeWindow
@@ -85,6 +85,7 @@ __all__ = [
     "ScoopyError",
     "Scope",
     "Step",
+    "SubscriptionInfo",
     "TimeWindow",
     "Topic",
     "current_scope",

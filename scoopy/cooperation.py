@@ -24,20 +24,29 @@ from .context import CooperationContext
 from .engine import control
 from .engine import migrate as migrations
 from .engine.database import SERVER_SETTINGS, Database
+from .engine.liveness import Liveness
 from .engine.records import AfterCommit
 from .engine.registry import Registry
 from .engine.runner import Runner
 from .engine.step import StepSettings
-from .engine.store import Store
+from .engine.store import KnownDefinitions, Store
 from .engine.waiting import Waiters, Watch, outcome_of
 from .engine.worker import Worker
 from .errors import ScoopyError, check_schema
 from .ids import uuid7
 from .message import NewMessage, Topic, as_topic
-from .results import Event, Outcome, RunInfo
+from .results import Event, Outcome, RunInfo, SubscriptionInfo
 from .saga import Saga
 from .scope import ContextArg
 from .vocab import Connection
+
+
+def _saga_name(saga: Saga | str) -> str:
+    if isinstance(saga, Saga):
+        return saga.name
+    if isinstance(saga, str) and saga:
+        return saga
+    raise ScoopyError(f"expected a Saga or a saga's name, got {saga!r}")
 
 
 class RunHandle:
@@ -89,6 +98,9 @@ class Cooperation:
         connect_timeout: float = 10.0,
         data_dir: Path | str | None = None,
         server_settings: dict[str, str] | None = None,
+        heartbeat: float = 5.0,
+        liveness_timeout: float = 30.0,
+        subscription_ttl: float | None = 600.0,
     ) -> None:
         self.dsn = dsn
         self.schema = check_schema(schema or os.environ.get("SCOOPY_SCHEMA") or "scoopy")
@@ -100,6 +112,22 @@ class Cooperation:
         self.max_recursion = max_recursion
         self.shutdown_grace = shutdown_grace
         self.data_dir = Path(data_dir) if data_dir is not None else None
+        for what, value in (("heartbeat", heartbeat), ("liveness_timeout", liveness_timeout)):
+            if not (isinstance(value, int | float) and 0 < value < float("inf")):
+                raise ScoopyError(f"`{what}` must be a positive number of seconds, got {value!r}")
+        if liveness_timeout <= heartbeat:
+            raise ScoopyError(
+                f"`liveness_timeout` ({liveness_timeout}) must be longer than `heartbeat` "
+                f"({heartbeat}), or every worker would look dead between two heartbeats"
+            )
+        if subscription_ttl is not None and not subscription_ttl > liveness_timeout:
+            raise ScoopyError(
+                f"`subscription_ttl` must be None or longer than `liveness_timeout`, "
+                f"got {subscription_ttl!r}"
+            )
+        self.heartbeat = heartbeat
+        self.liveness_timeout = liveness_timeout
+        self.subscription_ttl = subscription_ttl
         self.server_settings = {**SERVER_SETTINGS, **(server_settings or {})}
         self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{uuid7().hex[-8:]}"
         self.store = Store(self.schema)
@@ -116,6 +144,7 @@ class Cooperation:
             on_done=lambda: self.waiters.done(None),
         )
         self.bindings = self.registry.bindings
+        self.definitions = KnownDefinitions(self.store)
         self.waiters = Waiters(self.poll_interval)
         self._worker: Worker | None = None
         self._stack: AsyncExitStack | None = None
@@ -169,11 +198,25 @@ class Cooperation:
             max_depth=self.max_depth,
             max_recursion=self.max_recursion,
             bindings=self.bindings,
+            definitions=self.definitions,
+        )
+        liveness = Liveness(
+            self.store,
+            self.database,
+            self.worker_id,
+            self.bindings,
+            self.definitions,
+            listen=self.listen,
+            interval=self.heartbeat,
+            timeout=self.liveness_timeout,
+            ttl=self.subscription_ttl,
+            on_ready=self._wake,
         )
         self._worker = Worker(
             self.database,
             self.store,
             Runner(settings, self._on_committed),
+            liveness,
             listen=self.listen,
             poll_interval=self.poll_interval,
             on_root_done=self.waiters.done,
@@ -205,7 +248,7 @@ class Cooperation:
         if self._worker is not None:
             self._worker.serve(binding)
 
-    def unsubscribe(self, topic: Topic[Any] | str, saga: Saga) -> None:
+    def unsubscribe(self, topic: Topic[Any] | str, saga: Saga | str) -> None:
         """Stop running `saga` for messages on `topic`.
 
         New messages no longer start it. Its runs on that topic that have not started are
@@ -213,7 +256,7 @@ class Cooperation:
         as some worker still serves the saga. Written in the background at once;
         `await coop.sync()` waits until it is.
         """
-        self.registry.remove(as_topic(topic).name, saga.name)
+        self.registry.remove(as_topic(topic).name, _saga_name(saga))
 
     async def sync(self) -> None:
         """Write pending subscribe/unsubscribe calls to the registry now."""
@@ -221,13 +264,13 @@ class Cooperation:
 
     async def pause(self, saga: Saga | str, reason: str | None = None) -> None:
         """Stop every worker from running steps of `saga` (its runs wait) until `resume`."""
-        name = saga.name if isinstance(saga, Saga) else saga
+        name = _saga_name(saga)
         async with self.database.connection() as conn:
             await self.store.pause(conn, name, reason)
 
     async def resume(self, saga: Saga | str) -> None:
         """Let workers run `saga` again."""
-        name = saga.name if isinstance(saga, Saga) else saga
+        name = _saga_name(saga)
         async with self.database.connection() as conn:
             await self.store.resume(conn, name, self.listen)
         self._wake(name)
@@ -241,6 +284,12 @@ class Cooperation:
         await self.registry.sync()
         async with self.database.connection() as conn:
             return await self.store.subscriptions(conn)
+
+    async def topology(self) -> list[SubscriptionInfo]:
+        """Every subscription in the registry, with the live workers that serve its saga."""
+        await self.registry.sync()
+        async with self.database.connection() as conn:
+            return await self.store.topology(conn, self.liveness_timeout)
 
     # -- launching -------------------------------------------------------------------------
 

@@ -70,3 +70,18 @@ class Outcome:
         """Raise the failure (a `CooperationError`) unless the hierarchy committed."""
         if self.failure is not None:
             raise self.failure.to_exception()
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionInfo:
+    """One entry of the shared registry, with who serves it now."""
+
+    topic: str
+    saga: str
+    workers: tuple[str, ...]  # live workers serving the saga
+    last_served: datetime | None  # when a live worker last served it (None: never seen)
+    created_at: datetime
+
+    @property
+    def live(self) -> bool:
+        return bool(self.workers)

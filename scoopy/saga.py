@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, overload
@@ -106,6 +106,8 @@ class Step:
     child_failure: ChildFailureFn | None = None
     undo: RollbackFn | None = None
     cleanup: CleanupFn | None = None
+    kind: str = "step"  # or "finally": the step `finally_` adds after this one
+    aliases: tuple[str, ...] = ()  # names the step had in earlier deployments (renames)
 
     @property
     def compensate(self) -> RollbackFn | None:
@@ -164,7 +166,12 @@ class Step:
             await self._cleanup_once(scope, message)
 
         self.invoke = guarded
-        self.saga._insert(self.index + 1, f"{self.name} (finally)", after_children)
+        self.saga._insert(
+            self.index + 1,
+            f"{self.name} (finally)",
+            after_children,
+            aliases=tuple(f"{alias} (finally)" for alias in self.aliases),
+        )
         return fn
 
     def on_child_failure(self, fn: ChildFailureFn) -> ChildFailureFn:
@@ -204,17 +211,31 @@ class Saga:
     def step(self, name: StepFn, /) -> Step: ...
     @overload
     def step(
-        self, name: str | None = None, /, *, retry: RetryPolicy | None = None
+        self,
+        name: str | None = None,
+        /,
+        *,
+        retry: RetryPolicy | None = None,
+        aliases: Sequence[str] = (),
     ) -> Callable[[StepFn], Step]: ...
     def step(
-        self, name: str | StepFn | None = None, /, *, retry: RetryPolicy | None = None
+        self,
+        name: str | StepFn | None = None,
+        /,
+        *,
+        retry: RetryPolicy | None = None,
+        aliases: Sequence[str] = (),
     ) -> Step | Callable[[StepFn], Step]:
-        """Decorate `async def step(scope, message)` as the next step (named after the function)."""
+        """Decorate `async def step(scope, message)` as the next step (named after the function).
+
+        `aliases` are names the step had in earlier deployments: runs that reached it under
+        an old name go on under the new one (see "Deploying changes" in the README).
+        """
         if callable(name):
             return self._add(name, None, retry)
 
         def decorate(fn: StepFn) -> Step:
-            return self._add(fn, name, retry)
+            return self._add(fn, name, retry, aliases)
 
         return decorate
 
@@ -226,23 +247,45 @@ class Saga:
 
         return self._add(sleeping, name or f"sleep {len(self.steps)}", None)
 
-    def _insert(self, index: int, name: str, fn: StepFn) -> Step:
-        step = self._add(fn, name, None)
+    def _insert(self, index: int, name: str, fn: StepFn, aliases: Sequence[str] = ()) -> Step:
+        step = self._add(fn, name, None, aliases, kind="finally")
         self.steps.remove(step)
         self.steps.insert(index, step)
         for position, each in enumerate(self.steps):
             each.index = position
         return step
 
-    def _add(self, fn: StepFn, name: str | None, retry: RetryPolicy | None) -> Step:
+    def _add(
+        self,
+        fn: StepFn,
+        name: str | None,
+        retry: RetryPolicy | None,
+        aliases: Sequence[str] = (),
+        kind: str = "step",
+    ) -> Step:
         step_name = check_step_name(name if name is not None else getattr(fn, "__name__", ""))
-        if any(existing.name == step_name for existing in self.steps):
-            raise SagaDefinitionError(f"saga {self.name!r} already has a step named {step_name!r}")
+        if isinstance(aliases, str):
+            raise SagaDefinitionError(
+                f"aliases of step {step_name!r} must be a list of names, not the string {aliases!r}"
+            )
+        names = [step_name, *(check_step_name(alias) for alias in aliases)]
+        taken = {n for existing in self.steps for n in (existing.name, *existing.aliases)}
+        for each in names:
+            if each in taken or names.count(each) > 1:
+                raise SagaDefinitionError(f"saga {self.name!r} already has a step named {each!r}")
         if step_name.startswith("Rollback of "):
             raise SagaDefinitionError(
                 f"step names may not start with 'Rollback of ': {step_name!r}"
             )
-        step = Step(saga=self, name=step_name, index=len(self.steps), invoke=fn, retry=retry)
+        step = Step(
+            saga=self,
+            name=step_name,
+            index=len(self.steps),
+            invoke=fn,
+            retry=retry,
+            kind=kind,
+            aliases=tuple(names[1:]),
+        )
         self.steps.append(step)
         return step
 

@@ -125,16 +125,11 @@ async def test_scoopy_unsubscribe_removes_a_stale_subscription_and_releases_the_
     assert outcome.status == "committed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: unsubscribe() takes only a Saga (a name raises AttributeError), unlike "
-    "pause() and resume()",
-)
 async def test_unsubscribe_takes_a_saga_name(make_coop: MakeCoop) -> None:
     """Another service's saga can only be named: this process does not have its object."""
     await run_the_quick_start_once(make_coop)
     async with make_coop(worker=False) as coop:
-        coop.unsubscribe("stock.reserve", "warehouse")  # type: ignore[arg-type]
+        coop.unsubscribe("stock.reserve", "warehouse")
         await coop.sync()
         assert ("stock.reserve", "warehouse") not in await coop.subscriptions()
         assert ("orders", "order") in await coop.subscriptions()

@@ -85,6 +85,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     path: Literal["happy", "rollback"] = "happy"
     seq: int = 0  # number of the latest instance or rollback sub-step
     step: int | None = 0  # next step to run; None once every step is done
+    reached: int = 0  # the furthest step that committed: what identifies the run's position
     iteration: int = 0  # iteration of the next step
     last: int | None = None  # step of the latest instance (whose children we wait for)
     last_iteration: int = 0
@@ -498,6 +499,7 @@ class Machine:
             s,
             seq=act.seq,
             last=act.step,
+            reached=max(s.reached, act.step),
             last_iteration=act.iteration,
             step_instance=act.seq,
             step=following,

@@ -7,6 +7,7 @@ which costs half as much on the claim path).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,7 @@ from ..message import Topic
 from ..saga import Saga
 from ..strategy import DEFAULT_STRATEGY, EventLoopStrategy
 from ..vocab import RunStatus
+from .definition import Definition
 
 R = TypeVar("R")
 _checked: set[tuple[type[Any], str]] = set()
@@ -84,6 +86,8 @@ class RunWrite:
     notify_parent: bool = False
     events: list[NewEvent] = field(default_factory=list)
     notify: list[str] = field(default_factory=list)
+    definition: str | None = None
+    prefix: str | None = None
     # On the happy path and about to sleep until `ready_at`: a cancellation that arrived
     # during the step must wake it instead (the canceller could not, the row was locked).
     sleeping: bool = False
@@ -109,6 +113,8 @@ class Claimed:
     awaited: bool
     context: str | None
     rollback_request: str | None
+    definition: str | None  # fingerprint of the definition its cursor counts in (None: not started)
+    prefix: str | None  # identity of the steps it reached (see engine/definition.py)
     topic: str | None  # None if the run's message was deleted by hand
     payload: str | None
     cancellation: str | None
@@ -132,7 +138,7 @@ class Committed:
     """A committed step or handler instance of a run, from its event log."""
 
     instance: int
-    step_index: int
+    step: str
     iteration: int
     handler_iteration: int | None
 
@@ -158,6 +164,17 @@ class UndoCandidate:
     message_id: uuid.UUID
 
 
+@dataclass(frozen=True, slots=True)
+class UnfitRun:
+    """A ready run no live worker's definition fits (see liveness.Liveness.hold)."""
+
+    id: uuid.UUID
+    saga: str
+    definition: str | None
+    prefix: str | None
+    state: str
+
+
 # -- what the runner hands around ----------------------------------------------------------
 
 
@@ -174,6 +191,15 @@ class Binding:
 
     saga: Saga
     topics: dict[str, Topic[Any]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def definition(self) -> Definition:
+        return Definition.of(self.saga)
+
+    @functools.cached_property
+    def accepted(self) -> list[str]:
+        """The prefixes of the runs this process may advance, for the claim."""
+        return sorted(self.definition.accepted)
 
     @property
     def strategy(self) -> EventLoopStrategy:

@@ -18,6 +18,7 @@ from ..errors import SagaDefinitionError
 from ..message import Topic
 from ..saga import Saga
 from .database import Database
+from .definition import encode_steps
 from .faults import connection_lost
 from .records import Binding
 from .store import Store
@@ -89,6 +90,14 @@ class Registry:
             ready: list[str] = []
             try:
                 async with self.database.connection() as conn, conn.transaction():
+                    added = {saga for sign, _, saga in changes if sign == "+"}
+                    definitions = [
+                        self.bindings[saga].definition for saga in added & set(self.bindings)
+                    ]
+                    if definitions:
+                        await self.store.register_definitions(
+                            conn, [(d.saga, d.fingerprint, encode_steps(d)) for d in definitions]
+                        )
                     for sign, topic, saga in changes:
                         if sign == "+":
                             await self.store.subscribe(conn, [(topic, saga)])

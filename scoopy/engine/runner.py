@@ -13,8 +13,10 @@ from asyncpg.transaction import Transaction
 from ..context import CooperationContext
 from ..vocab import Connection
 from . import handover
+from .definition import Untranslatable
 from .faults import DB_TRANSIENT, TRANSIENT, CancelledMeanwhile, Redo, connection_lost, gone
 from .instrument import log_events
+from .liveness import hold
 from .records import AfterCommit, Binding, Claimed, Lease, OnCommitted
 from .step import StepSettings, StepTransaction
 
@@ -54,7 +56,9 @@ class Runner:
                 await self.store.plan_claim(conn)
                 self._planned.add(backend)
             # Counting past `instances` would not change what the worker does next.
-            claimed = await self.store.claim(conn, binding.saga.name, binding.saga.instances + 1)
+            claimed = await self.store.claim(
+                conn, binding.saga.name, binding.saga.instances + 1, binding.accepted
+            )
         except BaseException:
             await _rollback(tx, conn)
             raise
@@ -105,6 +109,14 @@ class Runner:
                 redone = await self._redo(conn, binding, claimed, injected)
                 advanced = AfterCommit() if redone is None else redone
                 advanced.touched = True  # the discarded attempt may have used the connection
+        except Untranslatable as exc:
+            # Released by an operator into a definition it does not fit (a step it reached
+            # is gone): held again, with the reason.
+            reason = f"saga {binding.saga.name!r}: run {claimed.id} cannot go on here: {exc}"
+            async with conn.transaction():
+                await hold(self.store, conn, [claimed.id], [reason], self.worker)
+            log.warning("run held", saga=binding.saga.name, run_id=str(claimed.id), reason=reason)
+            return AfterCommit()
         except TRANSIENT:
             raise
         except Exception as exc:

@@ -9,6 +9,11 @@
 
 then writes the run's new state and events in one statement (`Store.finish`). At most one
 piece of user code runs per transaction. The caller commits (see `runner.Runner.advance`).
+
+(Over 600 lines on purpose: every method works on the state of the one open transaction —
+the run, its context, its buffered events and notifications — and splitting them apart
+would mean handing that state around; the pieces that stand alone are in `eventlog`,
+`faults`, `definition` and `records`.)
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ..message import Message, Topic
 from ..scope import Scope, in_scope
 from ..strategy import RunView
 from ..vocab import ACTIVE, COMMITTED, HAPPY, PENDING, ROLLBACK, Connection, Path
+from .definition import Untranslatable, translate
 from .eventlog import TransactionEvents, failure_text, text
 from .faults import DB_TRANSIENT, CancelledMeanwhile, KeyRaced, Redo, gone
 from .machine import (
@@ -60,7 +66,7 @@ from .machine import (
     Wake,
 )
 from .records import AfterCommit, Binding, Claimed, RollbackRequest, RunWrite
-from .store import Store
+from .store import KnownDefinitions, Store
 
 _state_decoder = msgspec.json.Decoder(RunState)
 _state_encoder = msgspec.json.Encoder()
@@ -77,6 +83,7 @@ class StepSettings:
     max_depth: int
     max_recursion: int
     bindings: dict[str, Binding]  # shared with the Cooperation: sagas subscribed later appear
+    definitions: KnownDefinitions
 
 
 SETTLE_DEPTH = 16
@@ -185,7 +192,29 @@ class StepTransaction:
 
     # -- the loop --------------------------------------------------------------------------
 
+    def position(self, step: str) -> int:
+        """Where the step called `step` (now or under an alias) is in this worker's saga."""
+        found = self.binding.definition.index_of(step)
+        if found is None:
+            raise Untranslatable(f"step {step!r} is not in the definition this worker runs")
+        return found
+
+    async def adopt(self) -> None:
+        """Count the run's cursor in this worker's definition if it started under another.
+
+        The claim only hands over runs whose reached steps this definition shares (or that
+        an operator released); what lies after their position is translated by name.
+        """
+        mine = self.binding.definition
+        if self.run.definition is None or self.run.definition == mine.fingerprint:
+            return
+        old = await self.settings.definitions.get(self.conn, self.saga.name, self.run.definition)
+        if old is None:
+            raise Untranslatable(f"its definition {self.run.definition} was never registered")
+        self.state = translate(self.state, old, mine)
+
     async def advance(self) -> AfterCommit:
+        await self.adopt()
         state = self.state
         if self.run.status == PENDING:
             self.add(EventSpec(EventType.SEEN))
@@ -228,7 +257,9 @@ class StepTransaction:
                 done = await self.store.history(self.conn, self.run.root_id, self.run.id)
                 history = (
                     tuple(
-                        Instance(r.instance, r.step_index, r.iteration, r.handler_iteration)
+                        Instance(
+                            r.instance, self.position(r.step), r.iteration, r.handler_iteration
+                        )
                         for r in done
                     )
                     + self.events.committed_instances()
@@ -527,6 +558,8 @@ class StepTransaction:
             events=self.events.rows,
             notify=self.notify,
             sleeping=not terminal and state.path == HAPPY and self.pending == 0,
+            definition=self.binding.definition.fingerprint,
+            prefix=self.binding.definition.prefix_at(max(state.reached, state.last or 0)),
         )
         try:
             parent_saga, parent_pending, cancelled = await self.store.finish(
@@ -577,6 +610,8 @@ class StepTransaction:
         parent = await self.store.reclaim(self.conn, self.run.parent_id, unless_paused=True)
         if parent is None or parent.pending or parent.failed or parent.rollback_request:
             return None
+        if parent.prefix is not None and parent.prefix not in binding.definition.accepted:
+            return None  # its position is not in this worker's definition of the saga
         sub = StepTransaction(self.settings, self.conn, binding, parent, settling=self.settling + 1)
         decision = sub.machine.resume(sub.state, sub.wake(sub.state)).action
         if not (isinstance(decision, Finish) and decision.status == COMMITTED):

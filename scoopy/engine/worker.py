@@ -26,6 +26,7 @@ import structlog
 
 from .database import Database
 from .faults import connection_lost, gone
+from .liveness import Liveness
 from .records import AfterCommit, Binding, Lease
 from .runner import Runner
 from .store import Store
@@ -55,6 +56,7 @@ class Worker:
         database: Database,
         store: Store,
         runner: Runner,
+        liveness: Liveness,
         *,
         listen: bool,
         poll_interval: float,
@@ -64,6 +66,7 @@ class Worker:
         self.pool = database.pool
         self.store = store
         self.runner = runner
+        self.liveness = liveness
         self.listen = listen
         self.poll_interval = poll_interval
         self.on_root_done = on_root_done
@@ -87,6 +90,7 @@ class Worker:
             if self.listen:
                 await tg.start(self._listen_loop)
             tg.start_soon(self._poll_loop)
+            tg.start_soon(self.liveness.run)
             for served in self.served.values():
                 self._start_saga(served)
             task_status.started()
@@ -98,6 +102,7 @@ class Worker:
             served.wake.set()
         with anyio.move_on_after(grace):
             await self._idle.wait()
+        await self.liveness.stop()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 

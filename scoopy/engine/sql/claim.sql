@@ -8,7 +8,7 @@ hashtext('scoopy.registry:{schema}')
 
 -- name: _run_columns
 id, root_id, message_id, saga, parent_id, lineage, status, state,
-pending, failed, awaited, context, rollback_request
+pending, failed, awaited, context, rollback_request, definition, prefix
 
 -- name: _claimed
 -- Lock first, then look: rows skipped because another worker holds them cost no join and no
@@ -18,7 +18,7 @@ pending, failed, awaited, context, rollback_request
 SELECT r.id, r.root_id, r.message_id, r.saga, r.parent_id, r.lineage, r.status,
        r.state::text AS state, r.pending, r.failed, r.awaited,
        r.context::text AS context, r.rollback_request::text AS rollback_request,
-       m.topic, m.payload::text AS payload,
+       r.definition, r.prefix, m.topic, m.payload::text AS payload,
        (SELECT c.failure::text FROM {q}.cancellation c
          WHERE c.target = ANY (r.lineage)
          ORDER BY c.created_at LIMIT 1) AS cancellation,
@@ -30,11 +30,14 @@ SELECT r.id, r.root_id, r.message_id, r.saga, r.parent_id, r.lineage, r.status,
   FROM r LEFT JOIN {q}.message m ON m.id = r.message_id
 
 -- name: claim
--- The oldest ready run of saga $1, unless the saga is paused; $2 caps the count of ready runs.
+-- The oldest ready run of saga $1 that this worker's definition of the saga may advance
+-- (a run not yet started, or one whose prefix is among $3: see engine/definition.py),
+-- unless the saga is paused; $2 caps the count of ready runs.
 WITH r AS (
     SELECT {_run_columns}
       FROM {q}.run
     WHERE saga = $1 AND ready_at <= clock_timestamp()
+       AND (prefix IS NULL OR prefix = ANY ($3::text[]))
        AND NOT EXISTS (SELECT 1 FROM {q}.paused_saga p WHERE p.saga = $1)
      ORDER BY ready_at
      LIMIT 1

@@ -32,7 +32,7 @@ SELECT message_id, saga FROM r
 
 -- Finishing a step is one statement, in three shapes: the parent's update and the
 -- notifications cost executor set-up on every call even when they do nothing, and a root
--- run's step (most steps of a flat saga) needs neither. Parameters $1-$17 are common to all
+-- run's step (most steps of a flat saga) needs neither. Parameters $1-$19 are common to all
 -- three (see Store.finish).
 
 -- name: _parent_ready
@@ -72,6 +72,7 @@ UPDATE {q}.run
        rollback_failure = $11::jsonb, result = COALESCE($12::jsonb, result),
        rollback_request = NULL,
        awaited = awaited AND NOT $13,
+       definition = $18, prefix = $19,
        updated_at = clock_timestamp()
  WHERE id = $1
 
@@ -86,7 +87,7 @@ WITH {_events}
 RETURNING NULL::text AS parent_saga, NULL::int AS parent_pending, {_cancelled}
 
 -- name: finish_notify
-WITH {_events}, nt AS (SELECT pg_notify($18, n) FROM unnest($19::text[]) AS n)
+WITH {_events}, nt AS (SELECT pg_notify($20, n) FROM unnest($21::text[]) AS n)
 {_run_update}
 RETURNING NULL::text AS parent_saga, NULL::int AS parent_pending,
           (SELECT count(*) FROM nt) AS notified, {_cancelled}
@@ -97,17 +98,17 @@ RETURNING NULL::text AS parent_saga, NULL::int AS parent_pending,
 WITH {_events}, parent AS (
     UPDATE {q}.run p
        SET pending = p.pending - 1,
-           failed = p.failed + $19,
+           failed = p.failed + $21,
            ready_at = CASE WHEN p.pending = 1 THEN {_parent_ready}
                            ELSE p.ready_at END,
            updated_at = clock_timestamp()
-     WHERE p.id = $18
+     WHERE p.id = $20
     RETURNING p.saga, p.pending
 ), nt AS (
-    SELECT pg_notify($20, n)
-      FROM (SELECT unnest($21::text[]) AS n
+    SELECT pg_notify($22, n)
+      FROM (SELECT unnest($23::text[]) AS n
             UNION ALL
-            SELECT 'r:' || saga FROM parent WHERE pending = 0 AND $22) AS q
+            SELECT 'r:' || saga FROM parent WHERE pending = 0 AND $24) AS q
 )
 {_run_update}
 RETURNING (SELECT saga FROM parent) AS parent_saga,
@@ -124,8 +125,9 @@ SELECT saga, id, status, failure::text AS failure,
  ORDER BY created_at, id
 
 -- name: history
--- The run's committed step and handler instances: what its rollback has to undo.
-SELECT instance, step_index, iteration, handler_iteration
+-- The run's committed step and handler instances: what its rollback has to undo. By step
+-- name: positions count in the definition each instance ran under.
+SELECT instance, step, iteration, handler_iteration
   FROM {q}.event
  WHERE root_id = $1 AND run_id = $2 AND type = 'SUSPENDED'
    AND phase IN ('step', 'handler')
@@ -203,3 +205,11 @@ SELECT r.saga, r.result::text AS result, m.topic
 
 -- name: saga_in_lineage
 SELECT count(*) FROM {q}.run WHERE id = ANY ($1::uuid[]) AND saga = $2
+
+-- name: definition
+SELECT steps::text FROM {q}.saga_definition WHERE saga = $1 AND fingerprint = $2
+
+-- name: register_definitions
+INSERT INTO {q}.saga_definition (saga, fingerprint, steps)
+SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[])
+ON CONFLICT DO NOTHING
