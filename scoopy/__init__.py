@@ -18,6 +18,7 @@ from .errors import (
     SagaDefinitionError,
     SchemaVersionError,
     ScoopyError,
+    WaitTimeout,
 )
 from .failure import (
     CancellationRequested,
@@ -35,7 +36,7 @@ from .failure import (
 )
 from .message import Message, Topic
 from .periodic import CatchUp, Schedule
-from .results import Event, Outcome, RunInfo, RunSummary, SubscriptionInfo
+from .results import Event, Outcome, RunInfo, RunSummary, SubscriptionInfo, Waiting
 from .saga import NextStep, RetryPolicy, Saga, Step
 from .scope import Scope, current_scope
 from .strategy import EventLoopStrategy, RunView, TimeWindow
@@ -88,6 +89,8 @@ __all__ = [
     "SubscriptionInfo",
     "TimeWindow",
     "Topic",
+    "WaitTimeout",
+    "Waiting",
     "current_scope",
     "deadline",
 ]

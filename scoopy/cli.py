@@ -175,13 +175,16 @@ async def _launch(args: argparse.Namespace) -> int:
 async def _tree(args: argparse.Namespace) -> int:
     async with _cooperation(args, worker=False) as coop:
         runs = await coop.runs(uuid.UUID(args.root))
+        waiting = {each.run_id: each for each in await coop.waiting_for(args.root)}
     children: dict[uuid.UUID | None, list[RunInfo]] = {}
     for run in runs:
         children.setdefault(run.parent_id, []).append(run)
 
     def show(parent: uuid.UUID | None, depth: int) -> None:
         for run in children.get(parent, []):
-            print(f"{'  ' * depth}{run.saga} [{run.id}] {run.status}")
+            why = waiting.get(run.id)
+            state = run.status if why is None else f"{run.status}: {why.detail}"
+            print(f"{'  ' * depth}{run.saga} [{run.id}] {state}")
             show(run.id, depth + 1)
 
     show(None, 0)
@@ -212,6 +215,54 @@ async def _rollback(args: argparse.Namespace) -> int:
     async with _cooperation(args, worker=False) as coop:
         handle = await coop.rollback(args.run, args.reason)
     print(f"rollback requested for {handle.id}")
+    return 0
+
+
+async def _subscriptions(args: argparse.Namespace) -> int:
+    async with _cooperation(args, worker=False) as coop:
+        entries = await coop.topology()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "topic": e.topic,
+                        "saga": e.saga,
+                        "live_workers": list(e.workers),
+                        "last_served": None if e.last_served is None else e.last_served.isoformat(),
+                    }
+                    for e in entries
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    rows = [("TOPIC", "SAGA", "LIVE WORKERS", "LAST SERVED")]
+    for e in entries:
+        seen = "never" if e.last_served is None else e.last_served.isoformat(timespec="seconds")
+        rows.append((e.topic, e.saga, ", ".join(e.workers) or "none", seen))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[3]
+        )
+    return 0
+
+
+async def _unsubscribe(args: argparse.Namespace) -> int:
+    async with _cooperation(args, worker=False) as coop:
+        if (args.topic, args.saga) not in await coop.subscriptions():
+            raise UsageError(f"saga {args.saga!r} does not subscribe to topic {args.topic!r}")
+        coop.unsubscribe(args.topic, args.saga)
+        await coop.sync()
+    print(f"unsubscribed {args.saga} from {args.topic}")
+    return 0
+
+
+async def _move(args: argparse.Namespace) -> int:
+    async with _cooperation(args, worker=False) as coop:
+        await coop.move(args.run, args.to)
+    print(f"run {args.run} released" + (f" to go on with {args.to!r}" if args.to else ""))
     return 0
 
 
@@ -269,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("run", help="root id or run id")
         command.add_argument("--reason", default="requested from the command line")
         command.set_defaults(handler=handler)
+
+    subscriptions = sub.add_parser(
+        "subscriptions", help="list the registry: topic, saga, live workers, last served"
+    )
+    subscriptions.add_argument("--json", action="store_true", help="print JSON")
+    subscriptions.set_defaults(handler=_subscriptions)
+    unsubscribe = sub.add_parser("unsubscribe", help="remove a subscription from the registry")
+    unsubscribe.add_argument("topic")
+    unsubscribe.add_argument("saga")
+    unsubscribe.set_defaults(handler=_unsubscribe)
+    move = sub.add_parser("move", help="let a held run go on under the saga's current steps")
+    move.add_argument("run", help="the held run's id")
+    move.add_argument("--to", help="go on with this step (by name) instead")
+    move.set_defaults(handler=_move)
 
     sub.add_parser("demo", help="run the demo hierarchy").set_defaults(handler=_demo)
     return parser

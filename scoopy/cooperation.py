@@ -16,26 +16,27 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import anyio
 import asyncpg
 
 from . import periodic
 from .context import CooperationContext
 from .engine import control
 from .engine import migrate as migrations
+from .engine.background import Background
 from .engine.database import SERVER_SETTINGS, Database
 from .engine.liveness import Liveness
 from .engine.records import AfterCommit
 from .engine.registry import Registry
 from .engine.runner import Runner
 from .engine.step import StepSettings
-from .engine.store import KnownDefinitions, Store
-from .engine.waiting import Waiters, Watch, outcome_of
+from .engine.store import Store
+from .engine.topology import KnownDefinitions, TopologyStore
+from .engine.waiting import Waiters, Watch, outcome_of, waiting_for
 from .engine.worker import Worker
-from .errors import ScoopyError, check_schema
+from .errors import ScoopyError, WaitTimeout, check_schema
 from .ids import uuid7
 from .message import NewMessage, Topic, as_topic
-from .results import Event, Outcome, RunInfo, SubscriptionInfo
+from .results import Event, Outcome, RunInfo, SubscriptionInfo, Waiting
 from .saga import Saga
 from .scope import ContextArg
 from .vocab import Connection
@@ -63,8 +64,12 @@ class RunHandle:
         self.watch = watch
 
     async def wait(self, timeout: float | None = None) -> Outcome:
-        """Wait until every run the message started has finished (TimeoutError after `timeout`)."""
-        return await self.coop.waiters.wait(self.id, self.coop.outcome, timeout, self.watch)
+        """Wait until every run the message started has finished.
+
+        After `timeout` seconds it raises `WaitTimeout` (a `TimeoutError`) saying what the
+        hierarchy still waits for.
+        """
+        return await self.coop._wait(self.id, timeout, self.watch)
 
     async def events(self) -> list[Event]:
         return await self.coop.events(self.id)
@@ -131,6 +136,7 @@ class Cooperation:
         self.server_settings = {**SERVER_SETTINGS, **(server_settings or {})}
         self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{uuid7().hex[-8:]}"
         self.store = Store(self.schema)
+        self.topology_store = TopologyStore(self.store)
         self.database = Database(
             pool_size=pool_size,
             connect_timeout=connect_timeout,
@@ -138,15 +144,17 @@ class Cooperation:
         )
         self.registry = Registry(
             self.store,
+            self.topology_store,
             self.database,
             listen=listen,
             on_ready=self._wake,
             on_done=lambda: self.waiters.done(None),
         )
         self.bindings = self.registry.bindings
-        self.definitions = KnownDefinitions(self.store)
+        self.definitions = KnownDefinitions(self.topology_store)
         self.waiters = Waiters(self.poll_interval)
         self._worker: Worker | None = None
+        self._background = Background()
         self._stack: AsyncExitStack | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -179,12 +187,9 @@ class Cooperation:
             if self.run_worker and periodic.PERIODIC not in self.bindings:
                 self.subscribe(periodic.SCHEDULES, periodic.build())
             await self.registry.sync()
-            tg = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(tg.cancel_scope.cancel)
-            tg.start_soon(self.registry.run)
-            if self.run_worker:
-                await tg.start(self._start_worker().run)
-                stack.push_async_callback(self._stop_worker)
+            worker = self._start_worker() if self.run_worker else None
+            await self._background.start(self.registry.run, worker)
+            stack.push_async_callback(self._background.stop, self.shutdown_grace)
         except BaseException:
             await stack.aclose()
             raise
@@ -199,9 +204,11 @@ class Cooperation:
             max_recursion=self.max_recursion,
             bindings=self.bindings,
             definitions=self.definitions,
+            topology=self.topology_store,
         )
         liveness = Liveness(
             self.store,
+            self.topology_store,
             self.database,
             self.worker_id,
             self.bindings,
@@ -229,10 +236,6 @@ class Cooperation:
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
-
-    async def _stop_worker(self) -> None:
-        if self._worker is not None:
-            await self._worker.stop(self.shutdown_grace)
 
     @property
     def pool(self) -> asyncpg.Pool[asyncpg.Record]:
@@ -289,7 +292,7 @@ class Cooperation:
         """Every subscription in the registry, with the live workers that serve its saga."""
         await self.registry.sync()
         async with self.database.connection() as conn:
-            return await self.store.topology(conn, self.liveness_timeout)
+            return await self.topology_store.topology(conn, self.liveness_timeout)
 
     # -- launching -------------------------------------------------------------------------
 
@@ -454,7 +457,30 @@ class Cooperation:
 
     async def wait(self, root_id: uuid.UUID, timeout: float | None = None) -> Outcome:
         """Wait for a hierarchy's outcome (see `RunHandle.wait`)."""
-        return await self.waiters.wait(root_id, self.outcome, timeout)
+        return await self._wait(root_id, timeout)
+
+    async def _wait(
+        self, root_id: uuid.UUID, timeout: float | None, watch: Watch | None = None
+    ) -> Outcome:
+        try:
+            return await self.waiters.wait(root_id, self.outcome, timeout, watch)
+        except TimeoutError as exc:
+            try:
+                waiting = await self.waiting_for(root_id)
+            except (ScoopyError, LookupError):
+                waiting = []
+            still = "; ".join(str(each) for each in waiting) or "nothing it can name"
+            raise WaitTimeout(
+                f"hierarchy {root_id} did not finish within {timeout} s; it waits for: {still}"
+            ) from exc
+
+    async def waiting_for(self, root_id: uuid.UUID | str) -> list[Waiting]:
+        """What each unfinished run of a hierarchy waits for now (empty once it finished)."""
+        target = uuid.UUID(str(root_id))
+        async with self.database.connection() as conn:
+            root, _ = await control.locate(self.store, conn, target)
+            rows = await self.topology_store.waits(conn, root, self.liveness_timeout)
+        return waiting_for(rows)
 
     async def outcome(self, root_id: uuid.UUID) -> Outcome | None:
         """The hierarchy's outcome, or None while any of its root runs is unfinished.
@@ -497,6 +523,21 @@ class Cooperation:
         if self._worker is not None:
             self._worker.wake_all()
         return inserted
+
+    async def move(self, run_id: uuid.UUID | str, to_step: str | None = None) -> None:
+        """Let a held run go on under the saga's current definition.
+
+        A run is held when a deploy changed its saga's steps at or before its position (see
+        "Deploying changes" in the README). Moving it finds its steps in the new definition
+        by name and goes on with the step that follows its position there, or with `to_step`.
+        To roll it back instead, cancel it.
+        """
+        target = uuid.UUID(str(run_id))
+        async with self.database.connection() as conn:
+            saga = await control.move(
+                self.store, conn, target, to_step, self.worker_id, self.listen
+            )
+        self._wake(saga)
 
     async def rollback(
         self, run_id: uuid.UUID | str, reason: str, source: str = "operator"

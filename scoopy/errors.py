@@ -29,6 +29,10 @@ class DatabaseUnavailableError(ScoopyError, ConnectionError):
     """PostgreSQL could not be reached."""
 
 
+class WaitTimeout(ScoopyError, TimeoutError):
+    """A hierarchy did not finish in time; the message says what it still waits for."""
+
+
 class HierarchyTooDeepError(ScoopyError):
     """A launch would nest the hierarchy deeper than the configured maximum."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -85,3 +85,28 @@ class SubscriptionInfo:
     @property
     def live(self) -> bool:
         return bool(self.workers)
+
+
+WaitingKind = Literal["running", "ready", "children", "sleeping", "held", "paused", "unserved"]
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """An unfinished run of a hierarchy and what it waits for now.
+
+    `kind`: "running" (a worker runs its step now), "ready" (for a free worker slot),
+    "children" (for the runs its step started), "sleeping" (until `until`), "held" (no live
+    worker's definition of its saga fits it: `detail` says why), "paused" (its saga is
+    paused), "unserved" (no live worker serves its saga; `since` is when one last did).
+    """
+
+    run_id: uuid.UUID
+    saga: str
+    status: RunStatus
+    kind: WaitingKind
+    detail: str
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def __str__(self) -> str:
+        return f"{self.saga}[{self.run_id}]: {self.detail}"

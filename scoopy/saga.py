@@ -199,11 +199,19 @@ class Saga:
         *,
         instances: int = 4,
         strategy: EventLoopStrategy | None = None,
+        version: int = 0,
     ) -> None:
         self.name = check_name("saga", name)
         if not isinstance(instances, int) or instances < 1:
             raise SagaDefinitionError(f"saga {name!r}: instances must be >= 1, got {instances!r}")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise SagaDefinitionError(
+                f"saga {name!r}: version must be an int >= 0, got {version!r}"
+            )
         self.instances = instances
+        # Blue/green: while workers of a higher version are alive, workers of a lower one
+        # finish the runs they started and start no new ones.
+        self.version = version
         self.strategy = strategy
         self.steps: list[Step] = []
 

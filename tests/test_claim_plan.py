@@ -38,13 +38,13 @@ async def _claim_plan(coop: Cooperation, dsn: str, plan_by_index: bool) -> str:
             await conn.execute("SET LOCAL random_page_cost = 1000")  # index walks look dear
             if plan_by_index:
                 await store.plan_claim(conn)
-            await conn.fetchrow(store.sql["claim"], "grown", 17, [])  # builds the plan if not yet
+            await conn.fetchrow(store.sql["claim"], "grown", 17, [], True)  # plans it if not yet
         await conn.execute(fill, READY_RUNS)
         name = await conn.fetchval(
             "SELECT name FROM pg_prepared_statements WHERE statement = $1", store.sql["claim"]
         )
         async with conn.transaction():
-            rows = await conn.fetch(f"EXPLAIN EXECUTE {name}('grown', 17, '{{}}')")
+            rows = await conn.fetch(f"EXPLAIN EXECUTE {name}('grown', 17, '{{}}', true)")
         await conn.execute(f"DELETE FROM {q}.run WHERE saga = 'grown'")
         await conn.execute(f"DELETE FROM {q}.message WHERE topic = 'grow'")
     finally:

@@ -9,10 +9,10 @@ from scoopy.demo import run_demo
 
 
 async def test_the_demo_hierarchy_completes_in_order(
-    dsn: str, capsys: pytest.CaptureFixture[str]
+    dsn: str, schema: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each parent step prints only after every run it waited for, grandchildren included."""
-    await run_demo(dsn)
+    await run_demo(dsn, schema)  # its own schema: another run of the demo may serve the default
     out = capsys.readouterr().out
     lines = out.splitlines()
 

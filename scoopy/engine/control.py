@@ -80,3 +80,19 @@ async def undo(
             listen,
         )
     return root_id, topic
+
+
+async def move(
+    store: Store,
+    conn: Connection,
+    target: uuid.UUID,
+    to_step: str | None,
+    worker: str,
+    listen: bool,
+) -> str:
+    """Let a held run go on under the definition its workers run now; return its saga."""
+    await locate(store, conn, target)
+    saga = await store.move(conn, target, to_step, worker, listen)
+    if saga is None:
+        raise ScoopyError(f"run {target} is not held: only a held run can be moved")
+    return saga

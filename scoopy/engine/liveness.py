@@ -32,7 +32,8 @@ from .definition import Definition
 from .faults import connection_lost
 from .machine import RunState
 from .records import Binding, UnfitRun
-from .store import KnownDefinitions, Store
+from .store import Store
+from .topology import KnownDefinitions, TopologyStore
 
 log = structlog.get_logger("scoopy")
 
@@ -46,6 +47,7 @@ class Liveness:
     def __init__(
         self,
         store: Store,
+        topology: TopologyStore,
         database: Database,
         worker: str,
         served: Mapping[str, Binding],
@@ -58,6 +60,7 @@ class Liveness:
         on_ready: Callable[[str], None],
     ) -> None:
         self.store = store
+        self.topology = topology
         self.database = database
         self.worker = worker
         self.served = served
@@ -88,29 +91,46 @@ class Liveness:
         with anyio.move_on_after(2), anyio.CancelScope(shield=True):
             try:
                 async with self.database.pool.acquire() as conn:
-                    await self.store.worker_stopped(conn, self.worker)
+                    await self.topology.worker_stopped(conn, self.worker)
             except Exception as exc:
                 log.debug("could not record the worker's stop", error=repr(exc))
 
     async def beat(self) -> None:
         bindings = dict(self.served)
         serves = {
-            name: {"definition": b.definition.fingerprint, "accepted": b.accepted}
+            name: {
+                "definition": b.definition.fingerprint,
+                "version": b.saga.version,
+                "accepted": b.accepted,
+            }
             for name, b in bindings.items()
         }
         async with self.database.pool.acquire() as conn:
-            await self.store.heartbeat(conn, self.worker, socket.gethostname(), os.getpid(), serves)
+            await self.topology.heartbeat(
+                conn, self.worker, socket.gethostname(), os.getpid(), serves
+            )
+            newest = await self.topology.newest_versions(conn, list(bindings), self.timeout)
+            for name, binding in bindings.items():
+                starts_new = binding.saga.version >= newest.get(name, 0)
+                if starts_new != binding.starts_new:
+                    binding.starts_new = starts_new
+                    log.info(
+                        "starting new runs" if starts_new else "starting no new runs",
+                        saga=name,
+                        version=binding.saga.version,
+                        newest_live_version=newest.get(name, 0),
+                    )
             await self.release(conn, bindings)
             await self.hold(conn, bindings)
             await self.warn_unserved(conn)
             await self.expire(conn)
-            await self.store.forget_workers(conn, max(3600.0, self.timeout * 10))
+            await self.topology.forget_workers(conn, max(3600.0, self.timeout * 10))
 
     async def release(self, conn: Connection, bindings: Mapping[str, Binding]) -> None:
         fits = [(name, prefix) for name, b in bindings.items() for prefix in b.accepted]
         if not fits:
             return
-        for saga in set(await self.store.release(conn, fits, self.worker)):
+        for saga in set(await self.topology.release(conn, fits, self.worker)):
             log.warning("held runs released: this worker's definition fits them", saga=saga)
             self.on_ready(saga)
 
@@ -118,11 +138,11 @@ class Liveness:
         if not bindings:
             return
         async with conn.transaction():
-            runs = await self.store.unfit(conn, list(bindings), self.timeout, self.interval * 2)
+            runs = await self.topology.unfit(conn, list(bindings), self.timeout, self.interval * 2)
             if not runs:
                 return
             reasons = [await self._reason(conn, bindings[run.saga].definition, run) for run in runs]
-            await hold(self.store, conn, [run.id for run in runs], reasons, self.worker)
+            await hold(self.topology, conn, [run.id for run in runs], reasons, self.worker)
         for run, reason in zip(runs, reasons, strict=True):
             log.warning("run held", saga=run.saga, run_id=str(run.id), reason=reason)
 
@@ -145,7 +165,7 @@ class Liveness:
         )
 
     async def warn_unserved(self, conn: Connection) -> None:
-        unserved = await self.store.unserved(conn, self.interval, self.timeout)
+        unserved = await self.topology.unserved(conn, self.interval, self.timeout)
         for saga, last_served in unserved:
             if saga not in self._unserved:
                 log.warning(
@@ -158,7 +178,7 @@ class Liveness:
     async def expire(self, conn: Connection) -> None:
         if self.ttl is None:
             return
-        for topic, saga in await self.store.expired(conn, self.ttl, self.timeout):
+        for topic, saga in await self.topology.expired(conn, self.ttl, self.timeout):
             async with conn.transaction():
                 skipped, ready = await self.store.unsubscribe(conn, topic, saga, self.listen)
             log.warning(
@@ -173,7 +193,7 @@ class Liveness:
 
 
 async def hold(
-    store: Store, conn: Connection, runs: list[uuid.UUID], reasons: list[str], worker: str
+    store: TopologyStore, conn: Connection, runs: list[uuid.UUID], reasons: list[str], worker: str
 ) -> None:
     """Take `runs` out of the ready index, each with the reason no worker can advance it."""
     failures = [

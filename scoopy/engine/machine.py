@@ -86,6 +86,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     seq: int = 0  # number of the latest instance or rollback sub-step
     step: int | None = 0  # next step to run; None once every step is done
     reached: int = 0  # the furthest step that committed: what identifies the run's position
+    goto: str | None = None  # an operator's `move`: the step (by name) to go on with
     iteration: int = 0  # iteration of the next step
     last: int | None = None  # step of the latest instance (whose children we wait for)
     last_iteration: int = 0

@@ -175,6 +175,24 @@ class UnfitRun:
     state: str
 
 
+@dataclass(frozen=True, slots=True)
+class WaitRow:
+    """An unfinished run and the facts that say what it waits for (see waiting.waiting_for)."""
+
+    id: uuid.UUID
+    saga: str
+    status: RunStatus
+    held: str | None
+    pending: int
+    ready_at: datetime | None
+    resume_at: datetime | None
+    due: bool
+    paused: bool
+    served: bool
+    last_served: datetime | None
+    running_on: str | None
+
+
 # -- what the runner hands around ----------------------------------------------------------
 
 
@@ -191,6 +209,9 @@ class Binding:
 
     saga: Saga
     topics: dict[str, Topic[Any]] = field(default_factory=dict)
+    # False while a live worker serves a higher version of the saga (see Saga.version):
+    # then this process finishes the runs its definition fits and starts no new ones.
+    starts_new: bool = True
 
     @functools.cached_property
     def definition(self) -> Definition:

@@ -22,6 +22,7 @@ from .definition import encode_steps
 from .faults import connection_lost
 from .records import Binding
 from .store import Store
+from .topology import TopologyStore
 
 log = structlog.get_logger("scoopy")
 
@@ -32,6 +33,7 @@ class Registry:
     def __init__(
         self,
         store: Store,
+        topology: TopologyStore,
         database: Database,
         *,
         listen: bool,
@@ -39,6 +41,7 @@ class Registry:
         on_done: Callable[[], None],
     ) -> None:
         self.store = store
+        self.topology = topology
         self.database = database
         self.listen = listen
         self.on_ready = on_ready  # a saga whose runs an unsubscribe made ready
@@ -95,7 +98,7 @@ class Registry:
                         self.bindings[saga].definition for saga in added & set(self.bindings)
                     ]
                     if definitions:
-                        await self.store.register_definitions(
+                        await self.topology.register_definitions(
                             conn, [(d.saga, d.fingerprint, encode_steps(d)) for d in definitions]
                         )
                     for sign, topic, saga in changes:

@@ -57,7 +57,11 @@ class Runner:
                 self._planned.add(backend)
             # Counting past `instances` would not change what the worker does next.
             claimed = await self.store.claim(
-                conn, binding.saga.name, binding.saga.instances + 1, binding.accepted
+                conn,
+                binding.saga.name,
+                binding.saga.instances + 1,
+                binding.accepted,
+                binding.starts_new,
             )
         except BaseException:
             await _rollback(tx, conn)
@@ -114,7 +118,7 @@ class Runner:
             # is gone): held again, with the reason.
             reason = f"saga {binding.saga.name!r}: run {claimed.id} cannot go on here: {exc}"
             async with conn.transaction():
-                await hold(self.store, conn, [claimed.id], [reason], self.worker)
+                await hold(self.settings.topology, conn, [claimed.id], [reason], self.worker)
             log.warning("run held", saga=binding.saga.name, run_id=str(claimed.id), reason=reason)
             return AfterCommit()
         except TRANSIENT:

@@ -66,7 +66,8 @@ from .machine import (
     Wake,
 )
 from .records import AfterCommit, Binding, Claimed, RollbackRequest, RunWrite
-from .store import KnownDefinitions, Store
+from .store import Store
+from .topology import KnownDefinitions, TopologyStore
 
 _state_decoder = msgspec.json.Decoder(RunState)
 _state_encoder = msgspec.json.Encoder()
@@ -84,6 +85,7 @@ class StepSettings:
     max_recursion: int
     bindings: dict[str, Binding]  # shared with the Cooperation: sagas subscribed later appear
     definitions: KnownDefinitions
+    topology: TopologyStore
 
 
 SETTLE_DEPTH = 16
@@ -206,12 +208,23 @@ class StepTransaction:
         an operator released); what lies after their position is translated by name.
         """
         mine = self.binding.definition
-        if self.run.definition is None or self.run.definition == mine.fingerprint:
-            return
-        old = await self.settings.definitions.get(self.conn, self.saga.name, self.run.definition)
-        if old is None:
-            raise Untranslatable(f"its definition {self.run.definition} was never registered")
-        self.state = translate(self.state, old, mine)
+        if self.run.definition is not None and self.run.definition != mine.fingerprint:
+            old = await self.settings.definitions.get(
+                self.conn, self.saga.name, self.run.definition
+            )
+            if old is None:
+                raise Untranslatable(f"its definition {self.run.definition} was never registered")
+            self.state = translate(self.state, old, mine)
+        if self.state.goto is not None:  # an operator moved the run to a step by name
+            step = self.position(self.state.goto)
+            reached = max(self.state.reached, self.state.last or 0)
+            if self.state.last is not None and step <= reached:
+                again = mine.steps[reached].name
+                raise Untranslatable(
+                    f"going on with {self.state.goto!r} would run {again!r} again, which "
+                    "committed already: move it to a later step, or roll it back"
+                )
+            self.state = msgspec.structs.replace(self.state, step=step, iteration=0, goto=None)
 
     async def advance(self) -> AfterCommit:
         await self.adopt()

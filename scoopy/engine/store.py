@@ -8,7 +8,7 @@ No `asyncpg.Record` leaves this module: each method returns plain values or the 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
@@ -17,10 +17,9 @@ import msgspec
 from ..errors import check_schema
 from ..failure import CooperationFailure
 from ..message import NewMessage
-from ..results import Event, RunInfo, SubscriptionInfo
+from ..results import Event, RunInfo
 from ..vocab import Connection
 from . import queries
-from .definition import Definition, decode_steps
 from .records import (
     ChildFailure,
     Claimed,
@@ -28,11 +27,10 @@ from .records import (
     RunEnding,
     RunWrite,
     UndoCandidate,
-    UnfitRun,
     from_row,
 )
 
-_json = _events = msgspec.json.Encoder()
+_events = msgspec.json.Encoder()
 
 
 def _failure(data: str | None) -> CooperationFailure | None:
@@ -85,18 +83,23 @@ class Store:
     # -- claiming and running --------------------------------------------------------------
 
     async def claim(
-        self, conn: Connection, saga: str, count_up_to: int, accepted: Sequence[str]
+        self,
+        conn: Connection,
+        saga: str,
+        count_up_to: int,
+        accepted: Sequence[str],
+        starts_new: bool,
     ) -> Claimed | None:
-        """Lock the oldest ready run of `saga` whose prefix is `accepted` (or that has none);
-        also count ready runs, up to `count_up_to`."""
-        row = await conn.fetchrow(self.sql["claim"], saga, count_up_to, accepted)
+        """Lock the oldest ready run of `saga` whose prefix is `accepted` (or, with
+        `starts_new`, that has not started); also count ready runs, up to `count_up_to`."""
+        row = await conn.fetchrow(self.sql["claim"], saga, count_up_to, accepted, starts_new)
         return None if row is None else from_row(Claimed, row, self.sql["claim"])
 
     async def plan_claim(self, conn: Connection) -> None:
         """Have this connection plan `claim` as an index walk (see `plan_by_index` in claim.sql)."""
         await conn.execute(self.sql["plan_by_index"])
         try:
-            await conn.fetchrow(self.sql["claim"], "", 0, [])  # no saga has an empty name
+            await conn.fetchrow(self.sql["claim"], "", 0, [], True)  # no saga has an empty name
         finally:
             await conn.execute(self.sql["plan_reset"])
 
@@ -197,22 +200,6 @@ class Store:
         """The run's committed step and handler instances, oldest first."""
         rows = await conn.fetch(self.sql["history"], root_id, run_id)
         return [from_row(Committed, row, self.sql["history"]) for row in rows]
-
-    async def definition(self, conn: Connection, saga: str, fingerprint: str) -> str | None:
-        """The steps (JSON) of a definition of `saga` some worker registered."""
-        value = await conn.fetchval(self.sql["definition"], saga, fingerprint)
-        return None if value is None else str(value)
-
-    async def register_definitions(
-        self, conn: Connection, definitions: Sequence[tuple[str, str, str]]
-    ) -> None:
-        """Record (saga, fingerprint, steps JSON) of the definitions this process serves."""
-        await conn.execute(
-            self.sql["register_definitions"],
-            [saga for saga, _, _ in definitions],
-            [fingerprint for _, fingerprint, _ in definitions],
-            [steps for _, _, steps in definitions],
-        )
 
     async def rollback_children(
         self,
@@ -463,6 +450,20 @@ class Store:
                 await conn.execute(self.sql["wake_cancelled_unlocked"], *args)
         return bool(row["inserted"])
 
+    async def move(
+        self,
+        conn: Connection,
+        run_id: uuid.UUID,
+        to_step: str | None,
+        worker: str,
+        listen: bool,
+    ) -> str | None:
+        """Release a held run to go on (at `to_step`, by name); its saga, or None if it was
+        not held."""
+        row = await conn.fetchrow(self.sql["move"], run_id, to_step, worker, self.channel, listen)
+        assert row is not None
+        return None if row["saga"] is None else str(row["saga"])
+
     async def undo_candidates(
         self, conn: Connection, root_id: uuid.UUID, target: uuid.UUID
     ) -> list[UndoCandidate]:
@@ -486,87 +487,3 @@ class Store:
         )
         assert row is not None
         return int(row["updated"])
-
-    # -- live topology ---------------------------------------------------------------------
-
-    async def heartbeat(
-        self, conn: Connection, worker: str, host: str, pid: int, serves: Mapping[str, object]
-    ) -> None:
-        """Say `worker` is alive and serves `serves` (saga -> definition, accepted prefixes)."""
-        await conn.fetchrow(
-            self.sql["heartbeat"], worker, host, pid, list(serves), _json.encode(serves).decode()
-        )
-
-    async def worker_stopped(self, conn: Connection, worker: str) -> None:
-        await conn.execute(self.sql["worker_stopped"], worker)
-
-    async def forget_workers(self, conn: Connection, older_than: float) -> None:
-        await conn.execute(self.sql["forget_workers"], older_than)
-
-    async def unfit(
-        self, conn: Connection, sagas: Sequence[str], liveness: float, ready_for: float
-    ) -> list[UnfitRun]:
-        """Lock ready runs of `sagas`, ready for `ready_for` s, that no live worker fits."""
-        rows = await conn.fetch(self.sql["unfit"], list(sagas), liveness, ready_for)
-        return [from_row(UnfitRun, row, self.sql["unfit"]) for row in rows]
-
-    async def hold(
-        self,
-        conn: Connection,
-        runs: Sequence[uuid.UUID],
-        reasons: Sequence[str],
-        failures: Sequence[str],
-        worker: str,
-    ) -> None:
-        await conn.fetchrow(self.sql["hold"], list(runs), list(reasons), list(failures), worker)
-
-    async def release(
-        self, conn: Connection, fits: Sequence[tuple[str, str]], worker: str
-    ) -> list[str]:
-        """Release held runs whose (saga, prefix) is in `fits`; return their sagas."""
-        rows = await conn.fetch(
-            self.sql["release"], [saga for saga, _ in fits], [p for _, p in fits], worker
-        )
-        return [row["saga"] for row in rows]
-
-    async def unserved(
-        self, conn: Connection, ready_for: float, liveness: float
-    ) -> list[tuple[str, datetime]]:
-        """(saga, last served) of sagas with runs waiting that no live worker serves."""
-        rows = await conn.fetch(self.sql["unserved"], ready_for, liveness)
-        return [(row["saga"], row["last_served"]) for row in rows]
-
-    async def expired(self, conn: Connection, ttl: float, liveness: float) -> list[tuple[str, str]]:
-        """(topic, saga) of subscriptions no live worker has served for `ttl` seconds."""
-        rows = await conn.fetch(self.sql["expired"], ttl, liveness)
-        return [(row["topic"], row["saga"]) for row in rows]
-
-    async def topology(self, conn: Connection, liveness: float) -> list[SubscriptionInfo]:
-        rows = await conn.fetch(self.sql["topology"], liveness)
-        return [
-            SubscriptionInfo(
-                topic=row["topic"],
-                saga=row["saga"],
-                workers=tuple(row["workers"]),
-                last_served=row["served_at"],
-                created_at=row["created_at"],
-            )
-            for row in rows
-        ]
-
-
-class KnownDefinitions:
-    """Definitions of this worker's sagas that runs started under, read once each."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._known: dict[tuple[str, str], Definition] = {}
-
-    async def get(self, conn: Connection, saga: str, fingerprint: str) -> Definition | None:
-        found = self._known.get((saga, fingerprint))
-        if found is None:
-            steps = await self.store.definition(conn, saga, fingerprint)
-            if steps is None:
-                return None
-            found = self._known[(saga, fingerprint)] = decode_steps(saga, steps)
-        return found

@@ -15,9 +15,9 @@ import anyio
 
 from ..errors import DatabaseUnavailableError
 from ..failure import CooperationError, CooperationFailure
-from ..results import Outcome, RunSummary
+from ..results import Outcome, RunSummary, Waiting, WaitingKind
 from ..vocab import COMMITTED, ROLLBACK_FAILED, ROLLED_BACK, UNFINISHED, Ending
-from .records import RunEnding
+from .records import RunEnding, WaitRow
 
 
 class Watch:
@@ -125,3 +125,33 @@ def outcome_of(root_id: uuid.UUID, runs: Sequence[RunEnding]) -> Outcome | None:
         )
     summaries = tuple(RunSummary(run.id, run.saga, run.status) for run in runs)
     return Outcome(root_id, status, failure, summaries)
+
+
+def waiting_for(rows: Sequence[WaitRow]) -> list[Waiting]:
+    """What each unfinished run waits for, most telling reason first."""
+    found = []
+    for row in rows:
+        since = None
+        until = None
+        kind: WaitingKind
+        if row.running_on is not None:
+            kind, detail = "running", f"running a step on {row.running_on}"
+        elif row.held is not None:
+            kind, detail = "held", f"held: {row.held}"
+        elif row.paused:
+            kind, detail = "paused", f"saga {row.saga!r} is paused (`scoopy resume {row.saga}`)"
+        elif row.pending > 0:
+            kind, detail = "children", f"waiting for {row.pending} child run(s)"
+        elif not row.served:
+            since = row.last_served
+            last = "never" if since is None else since.isoformat(timespec="seconds")
+            kind = "unserved"
+            detail = f"no live worker serves saga {row.saga!r} (last served: {last})"
+        elif row.due:
+            kind, detail = "ready", "ready, waiting for a free worker slot"
+        else:
+            until = row.ready_at or row.resume_at
+            when = "its children" if until is None else until.isoformat(timespec="seconds")
+            kind, detail = "sleeping", f"sleeping until {when}"
+        found.append(Waiting(row.id, row.saga, row.status, kind, detail, since=since, until=until))
+    return found

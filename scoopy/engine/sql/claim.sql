@@ -31,13 +31,13 @@ SELECT r.id, r.root_id, r.message_id, r.saga, r.parent_id, r.lineage, r.status,
 
 -- name: claim
 -- The oldest ready run of saga $1 that this worker's definition of the saga may advance
--- (a run not yet started, or one whose prefix is among $3: see engine/definition.py),
--- unless the saga is paused; $2 caps the count of ready runs.
+-- (one whose prefix is among $3: see engine/definition.py; or, with $4, one not started
+-- yet), unless the saga is paused; $2 caps the count of ready runs.
 WITH r AS (
     SELECT {_run_columns}
       FROM {q}.run
     WHERE saga = $1 AND ready_at <= clock_timestamp()
-       AND (prefix IS NULL OR prefix = ANY ($3::text[]))
+       AND (prefix IS NULL AND $4 OR prefix = ANY ($3::text[]))
        AND NOT EXISTS (SELECT 1 FROM {q}.paused_saga p WHERE p.saga = $1)
      ORDER BY ready_at
      LIMIT 1

@@ -28,11 +28,17 @@ SELECT (SELECT count(*) FROM c) AS inserted, (SELECT count(*) FROM ev) AS events
 -- locked, current version instead. The first form waits for locked runs (under a lock
 -- timeout); the second, its fallback, skips them: they see the request when they finish.
 
+-- name: _released
+-- A held run an operator cancels or undoes is released to any worker, which rolls it back
+-- translating its steps by name (engine/definition.py).
+prefix = CASE WHEN r.held IS NOT NULL THEN NULL ELSE r.prefix END, held = NULL
+
 -- name: wake_cancelled
 WITH w AS (
     UPDATE {q}.run r
        SET ready_at = CASE WHEN r.ready_at IS NULL OR r.ready_at > clock_timestamp()
-                           THEN clock_timestamp() ELSE r.ready_at END
+                           THEN clock_timestamp() ELSE r.ready_at END,
+           {_released}
      WHERE r.id IN (SELECT id FROM {q}.run
                      WHERE root_id = $2 AND $1 = ANY (lineage)
                        AND status IN ('pending', 'active'))
@@ -47,7 +53,8 @@ SELECT (SELECT count(*) FROM w) AS woken, (SELECT count(*) FROM nt) AS notified
 WITH w AS (
     UPDATE {q}.run r
        SET ready_at = CASE WHEN r.ready_at IS NULL OR r.ready_at > clock_timestamp()
-                           THEN clock_timestamp() ELSE r.ready_at END
+                           THEN clock_timestamp() ELSE r.ready_at END,
+           {_released}
      WHERE r.id IN (SELECT id FROM {q}.run
                      WHERE root_id = $2 AND $1 = ANY (lineage)
                        AND status IN ('pending', 'active') FOR UPDATE SKIP LOCKED)
@@ -73,9 +80,10 @@ SELECT count(*) FROM {q}.run
  WHERE root_id = $1 AND status IN ('pending', 'active')
 
 -- name: undo
+-- Its runs roll back under whatever definition the workers run now, steps found by name.
 WITH u AS (
     UPDATE {q}.run
-       SET status = 'active', rollback_request = $2::jsonb,
+       SET status = 'active', rollback_request = $2::jsonb, prefix = NULL,
            ready_at = clock_timestamp(), updated_at = clock_timestamp()
      WHERE id = ANY ($1::uuid[]) AND status = 'committed'
     RETURNING id, saga, root_id, message_id, lineage
@@ -89,4 +97,25 @@ WITH u AS (
     SELECT pg_notify($5, 'r:' || saga) FROM (SELECT DISTINCT saga FROM u) d WHERE $6
 )
 SELECT (SELECT count(*) FROM u) AS updated, (SELECT count(*) FROM ev) AS events,
+       (SELECT count(*) FROM nt) AS notified
+
+-- name: move
+-- An operator lets a held run go on under the definition the workers run now: its steps
+-- found by name, and, with $2, going on with the step called $2.
+WITH m AS (
+    UPDATE {q}.run r
+       SET held = NULL, prefix = NULL, ready_at = clock_timestamp(),
+           state = CASE WHEN $2::text IS NULL THEN r.state
+                        ELSE jsonb_set(r.state, ARRAY['goto'], to_jsonb($2::text)) END,
+           updated_at = clock_timestamp()
+     WHERE r.id = $1 AND r.held IS NOT NULL
+    RETURNING r.id, r.root_id, r.message_id, r.saga, r.lineage
+), ev AS (
+    INSERT INTO {q}.event (root_id, message_id, run_id, type, saga, lineage, worker, step)
+    SELECT root_id, message_id, id, 'RELEASED', saga, lineage, $3, $2 FROM m
+    RETURNING 1
+), nt AS (
+    SELECT pg_notify($4, 'r:' || saga) FROM m WHERE $5
+)
+SELECT (SELECT saga FROM m) AS saga, (SELECT count(*) FROM ev) AS events,
        (SELECT count(*) FROM nt) AS notified

@@ -27,6 +27,16 @@ WITH w AS (
 )
 SELECT (SELECT count(*) FROM w) AS workers, (SELECT count(*) FROM s) AS subscriptions
 
+-- name: newest_versions
+-- The highest version of each of sagas $1 that a live worker serves ($2: liveness timeout).
+SELECT s.key AS saga, max((s.value->>'version')::int) AS version
+  FROM {q}.worker w
+ CROSS JOIN LATERAL jsonb_each(w.sagas) AS s(key, value)
+ WHERE w.stopped_at IS NULL
+   AND w.heartbeat_at > clock_timestamp() - make_interval(secs => $2)
+   AND s.key = ANY ($1::text[])
+ GROUP BY s.key
+
 -- name: worker_stopped
 UPDATE {q}.worker SET stopped_at = clock_timestamp(), heartbeat_at = clock_timestamp()
  WHERE id = $1
@@ -112,3 +122,19 @@ SELECT s.topic, s.saga, s.served_at, s.created_at,
               ORDER BY w.id) AS workers
   FROM {q}.subscription s
  ORDER BY s.topic, s.saga
+
+-- name: waits
+-- What each unfinished run of hierarchy $1 waits for ($2: the liveness timeout). A run in
+-- the middle of a step is row-locked by its transaction, whose id is then the row's xmax.
+WITH {_live}
+SELECT r.id, r.saga, r.status, r.held, r.pending, r.ready_at, r.resume_at,
+       r.ready_at IS NOT NULL AND r.ready_at <= clock_timestamp() AS due,
+       EXISTS (SELECT 1 FROM {q}.paused_saga p WHERE p.saga = r.saga) AS paused,
+       EXISTS (SELECT 1 FROM live WHERE live.saga = r.saga) AS served,
+       (SELECT max(COALESCE(s.served_at, s.created_at)) FROM {q}.subscription s
+         WHERE s.saga = r.saga) AS last_served,
+       (SELECT a.application_name FROM pg_stat_activity a
+         WHERE a.backend_xid = r.xmax LIMIT 1) AS running_on
+  FROM {q}.run r
+ WHERE r.root_id = $1 AND r.status IN ('pending', 'active')
+ ORDER BY r.created_at, r.id
