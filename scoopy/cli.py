@@ -113,6 +113,9 @@ def app_cooperation(args: argparse.Namespace) -> Cooperation:
             listen=not args.poll_only,
             poll_interval=args.poll_interval,
             pool_size=args.pool_size,
+            heartbeat=args.heartbeat,
+            liveness_timeout=args.liveness_timeout,
+            subscription_ttl=None if args.subscription_ttl == 0 else args.subscription_ttl,
         )
         app(coop)
         if not coop.bindings:
@@ -290,6 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--poll-only", action="store_true", help="no LISTEN/NOTIFY (PgBouncer)")
     worker.add_argument("--poll-interval", type=float, default=None)
     worker.add_argument("--pool-size", type=int, default=20)
+    worker.add_argument(
+        "--heartbeat", type=float, default=5.0, help="seconds between heartbeats (default 5)"
+    )
+    worker.add_argument(
+        "--liveness-timeout",
+        type=float,
+        default=30.0,
+        help="a worker silent this long is presumed dead (default 30 s)",
+    )
+    worker.add_argument(
+        "--subscription-ttl",
+        type=float,
+        default=600.0,
+        help="drop subscriptions no live worker served for this long; 0: never (default 600 s)",
+    )
     worker.set_defaults(handler=_worker)
 
     sub.add_parser("migrate", help="create or upgrade the schema").set_defaults(handler=_migrate)
