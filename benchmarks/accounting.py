@@ -38,12 +38,8 @@ POOL_RESET = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;
 
 
 def labels(schema: str) -> dict[str, str]:
-    """Statement text -> a short name: the engine's `Store.sql_*` names, asyncpg's own."""
-    found = {
-        value: name.removeprefix("sql_")
-        for name, value in vars(Store(schema)).items()
-        if name.startswith("sql_") and isinstance(value, str)
-    }
+    """Statement text -> a short name: the engine's named statements, asyncpg's own."""
+    found = {text: name for name, text in Store(schema).sql.items()}
     found[POOL_RESET] = "asyncpg pool reset"
     found[handover.QUERY] = "commit and begin"
     return found
