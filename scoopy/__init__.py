@@ -37,7 +37,7 @@ from .failure import (
 from .message import Message, Topic
 from .periodic import CatchUp, Schedule
 from .results import Event, Outcome, RunInfo, RunSummary, SubscriptionInfo, Waiting
-from .saga import NextStep, RetryPolicy, Saga, Step
+from .saga import NextStep, Rate, RetryPolicy, Saga, Step
 from .scope import Scope, current_scope
 from .strategy import EventLoopStrategy, RunView, TimeWindow
 from .vocab import Connection
@@ -70,6 +70,7 @@ __all__ = [
     "Outcome",
     "ParentSaidSo",
     "PayloadError",
+    "Rate",
     "RecursionLimitError",
     "RetriesExhausted",
     "RetryPolicy",

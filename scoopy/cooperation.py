@@ -35,7 +35,7 @@ from .engine.waiting import Waiters, Watch, outcome_of, waiting_for
 from .engine.worker import Worker
 from .errors import ScoopyError, WaitTimeout, check_schema
 from .ids import uuid7
-from .message import NewMessage, Topic, as_topic
+from .message import NewMessage, Topic, as_topic, check_priority
 from .results import Event, Outcome, RunInfo, SubscriptionInfo, Waiting
 from .saga import Saga
 from .scope import ContextArg
@@ -311,13 +311,16 @@ class Cooperation:
         key: str | None = None,
         at: datetime | None = None,
         after: timedelta | float | None = None,
+        priority: int = 0,
     ) -> RunHandle:
         """Launch a root message and return a handle on the hierarchy it starts.
 
         - `connection`: join that open transaction (transactional outbox).
         - `key`: at most one hierarchy per key; a second launch returns the first's handle.
         - `at` / `after`: its runs start at that time (durable; survives restarts).
+        - `priority`: sagas that declare `priorities=True` claim higher ones sooner.
         """
+        check_priority(priority)
         resolved = self._topic(topic)
         body = resolved.encode(payload)
         encoded = CooperationContext.coerce(context).encode()
@@ -337,6 +340,7 @@ class Cooperation:
             context=None if encoded is None else encoded.decode(),
             instance=None,
             key=key,
+            priority=priority,
         )
         await self.registry.sync()
         watch = None

@@ -8,7 +8,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from .errors import PayloadError, check_name, check_storable
+from .errors import PayloadError, ScoopyError, check_name, check_storable
 
 P = TypeVar("P")
 
@@ -78,6 +78,20 @@ def _decode(data: bytes | str, kind: Any, what: str) -> Any:
         raise PayloadError(f"{what} does not decode: {exc}") from exc
 
 
+MAX_PRIORITY = 1_000_000
+
+
+def check_priority(priority: object) -> int:
+    """Return `priority` if it is a valid launch priority, else raise `ScoopyError`."""
+    if (
+        not isinstance(priority, int)
+        or isinstance(priority, bool)
+        or not 0 <= priority <= MAX_PRIORITY
+    ):
+        raise ScoopyError(f"`priority` must be an int from 0 to {MAX_PRIORITY}, got {priority!r}")
+    return priority
+
+
 def as_topic(topic: Topic[Any] | str) -> Topic[Any]:
     return topic if isinstance(topic, Topic) else Topic(topic)
 
@@ -102,6 +116,7 @@ class NewMessage:
     context: str | None
     instance: int | None  # the emitting step instance; None for a launch outside the hierarchy
     key: str | None = None  # idempotency key: at most one message per key
+    priority: int = 0  # claimed sooner by sagas that declare priorities (Saga(priorities=True))
 
     @property
     def scoped(self) -> bool:

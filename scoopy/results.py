@@ -87,7 +87,9 @@ class SubscriptionInfo:
         return bool(self.workers)
 
 
-WaitingKind = Literal["running", "ready", "children", "sleeping", "held", "paused", "unserved"]
+WaitingKind = Literal[
+    "running", "ready", "limited", "children", "sleeping", "held", "paused", "unserved"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,7 @@ class Waiting:
     """An unfinished run of a hierarchy and what it waits for now.
 
     `kind`: "running" (a worker runs its step now), "ready" (for a free worker slot),
+    "limited" (for its saga's rate or concurrency limit),
     "children" (for the runs its step started), "sleeping" (until `until`), "held" (no live
     worker's definition of its saga fits it: `detail` says why), "paused" (its saga is
     paused), "unserved" (no live worker serves its saga; `since` is when one last did).

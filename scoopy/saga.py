@@ -90,6 +90,26 @@ class ChildFailureFn(Protocol):
     ) -> Awaitable[NextStep | None]: ...
 
 
+@dataclass(frozen=True)
+class Rate:
+    """At most `starts` step transactions of a saga begin per `per` seconds, across every
+    worker process, evenly spaced (never a burst at the edge of a period)."""
+
+    starts: int
+    per: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.starts, int) or isinstance(self.starts, bool) or self.starts < 1:
+            raise SagaDefinitionError(f"a rate needs starts >= 1, got {self.starts!r}")
+        if not (isinstance(self.per, int | float) and 0 < self.per < float("inf")):
+            raise SagaDefinitionError(f"a rate needs a period > 0 seconds, got {self.per!r}")
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two starts."""
+        return self.per / self.starts
+
+
 @dataclass(eq=False)
 class Step:
     """One step of a saga.
@@ -200,10 +220,28 @@ class Saga:
         instances: int = 4,
         strategy: EventLoopStrategy | None = None,
         version: int = 0,
+        concurrency: int | None = None,
+        rate: Rate | None = None,
+        priorities: bool = False,
     ) -> None:
+        """`instances` bounds this saga's concurrent step transactions in one process;
+        `concurrency` bounds them across every process, and `rate` bounds how many begin
+        per period. `priorities` claims ready runs by the priority their launch gave them.
+        """
         self.name = check_name("saga", name)
         if not isinstance(instances, int) or instances < 1:
             raise SagaDefinitionError(f"saga {name!r}: instances must be >= 1, got {instances!r}")
+        if concurrency is not None and (
+            not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1
+        ):
+            raise SagaDefinitionError(
+                f"saga {name!r}: concurrency must be None or an int >= 1, got {concurrency!r}"
+            )
+        if rate is not None and not isinstance(rate, Rate):
+            raise SagaDefinitionError(f"saga {name!r}: rate must be a scoopy.Rate, got {rate!r}")
+        self.concurrency = concurrency
+        self.rate = rate
+        self.priorities = bool(priorities)
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise SagaDefinitionError(
                 f"saga {name!r}: version must be an int >= 0, got {version!r}"

@@ -92,16 +92,18 @@ async def test_embedded_postgres_starts_commits_stops_and_keeps_its_data(
     assert await refuses_connections(second["dsn"])
 
 
-def test_the_demo_prints_the_three_level_fan_out_in_order(dsn: str) -> None:
+def test_the_demo_prints_the_three_level_fan_out_in_order(dsn: str, schema: str) -> None:
     """What `make demo` runs (`scoopy --log-level warning demo`), pointed at the test database
-    by $SCOOPY_DSN: every step of a parent prints only after everything its previous step
-    started has finished, the grandchild included, and the hierarchy commits."""
+    by $SCOOPY_DSN (and a schema of its own by $SCOOPY_SCHEMA, so that no other demo running
+    on the same server serves its sagas): every step of a parent prints only after
+    everything its previous step started has finished, the grandchild included, and the
+    hierarchy commits."""
     result = subprocess.run(
         [sys.executable, "-m", "scoopy", "--log-level", "warning", "demo"],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "SCOOPY_DSN": dsn},
+        env={**os.environ, "SCOOPY_DSN": dsn, "SCOOPY_SCHEMA": schema},
         timeout=WAIT * 2,
         check=False,
     )

@@ -26,7 +26,7 @@ LAYERS: list[list[str]] = [
     ["engine.topology"],
     ["engine.faults", "engine.eventlog", "engine.handover", "engine.instrument"],
     ["engine.step", "engine.database"],
-    ["engine.liveness"],
+    ["engine.liveness", "engine.limits"],
     ["engine.runner"],
     ["engine.worker", "engine.waiting", "engine.control", "engine.registry", "engine.migrate"],
     ["engine.background"],

@@ -102,6 +102,10 @@ class Liveness:
                 "definition": b.definition.fingerprint,
                 "version": b.saga.version,
                 "accepted": b.accepted,
+                "limits": {
+                    "concurrency": b.saga.concurrency,
+                    "rate": None if b.saga.rate is None else [b.saga.rate.starts, b.saga.rate.per],
+                },
             }
             for name, b in bindings.items()
         }

@@ -191,6 +191,9 @@ class WaitRow:
     served: bool
     last_served: datetime | None
     running_on: str | None
+    concurrency: int | None  # the saga's concurrency limit, as its live workers declare it
+    slots_taken: int
+    rate_until: datetime | None  # its rate limit allows no start before then
 
 
 # -- what the runner hands around ----------------------------------------------------------
@@ -212,6 +215,8 @@ class Binding:
     # False while a live worker serves a higher version of the saga (see Saga.version):
     # then this process finishes the runs its definition fits and starts no new ones.
     starts_new: bool = True
+    claims: int = 0  # claims made, for priorities' fair share (engine/limits.py)
+    slot_misses: int = 0  # claims in a row that found every concurrency slot taken
 
     @functools.cached_property
     def definition(self) -> Definition:

@@ -16,6 +16,7 @@ from . import handover
 from .definition import Untranslatable
 from .faults import DB_TRANSIENT, TRANSIENT, CancelledMeanwhile, Redo, connection_lost, gone
 from .instrument import log_events
+from .limits import FAIR_EVERY, Limited, Limits
 from .liveness import hold
 from .records import AfterCommit, Binding, Claimed, Lease, OnCommitted
 from .step import StepSettings, StepTransaction
@@ -31,6 +32,7 @@ class Runner:
         self.store = settings.store
         self.worker = settings.worker
         self.on_committed = on_committed
+        self.limits = Limits(settings.store)
         self._strikes: dict[uuid.UUID, int] = {}
         self._planned: set[int] = set()  # backends whose claim plan was built (plan_claim)
         # Bound once: binding per step was a measurable cost. (Configure structlog before
@@ -40,36 +42,66 @@ class Runner:
 
     async def claim(
         self, conn: Connection, binding: Binding, tx: Transaction | None = None
-    ) -> Lease | None:
+    ) -> Lease | Limited | None:
         """Lock one ready run of the saga in `tx`, or in a transaction opened on `conn`.
 
-        On success the transaction stays open for `advance`; otherwise it is closed.
+        On success the transaction stays open for `advance`; otherwise it is closed. A
+        saga's limits (`engine/limits.py`) may say to claim nothing now (`Limited`).
         (asyncpg's Transaction object, not a bare BEGIN, so that user code can nest
         `async with scope.connection.transaction()` blocks.)
         """
+        saga = binding.saga
+        token = False
+        if saga.rate is not None:
+            if tx is not None:  # a rate's start is taken before the transaction begins
+                await tx.rollback()
+                tx = None
+            limited = await self.limits.take_token(conn, binding)
+            if limited is not None:
+                return limited
+            token = True
         if tx is None:
             tx = conn.transaction()
             await tx.start()
         try:
+            if saga.concurrency is not None:
+                limited = await self.limits.take_slot(conn, binding, binding.slot_misses)
+                if limited is not None:
+                    binding.slot_misses += 1
+                    await tx.rollback()
+                    if token:
+                        await self.limits.refund_token(conn, binding)
+                    return limited
+                binding.slot_misses = 0
             backend = conn.get_server_pid()
             if backend not in self._planned:
                 await self.store.plan_claim(conn)
                 self._planned.add(backend)
-            # Counting past `instances` would not change what the worker does next.
-            claimed = await self.store.claim(
-                conn,
-                binding.saga.name,
-                binding.saga.instances + 1,
-                binding.accepted,
-                binding.starts_new,
-            )
+            claimed = await self._pick(conn, binding)
         except BaseException:
             await _rollback(tx, conn)
             raise
         if claimed is None:
             await tx.rollback()
+            if token:
+                await self.limits.refund_token(conn, binding)
             return None
         return Lease(claimed, tx)
+
+    async def _pick(self, conn: Connection, binding: Binding) -> Claimed | None:
+        saga = binding.saga
+        # Counting past `instances` would not change what the worker does next.
+        args = (saga.name, saga.instances + 1, binding.accepted, binding.starts_new)
+        if not saga.priorities:
+            return await self.store.claim(conn, *args)
+        claimed = None
+        if (binding.claims + 1) % FAIR_EVERY:  # every FAIR_EVERYth takes the oldest: none starves
+            claimed = await self.store.claim_priority(conn, *args)
+        if claimed is None:
+            claimed = await self.store.claim(conn, *args)
+        if claimed is not None:
+            binding.claims += 1
+        return claimed
 
     async def advance(
         self,
@@ -146,11 +178,6 @@ class Runner:
             if done.events:
                 log_events(self.log, self.log_enabled, done.events, self.worker, done.lineage)
         return advanced
-
-    async def run_next(self, conn: Connection, binding: Binding) -> AfterCommit | None:
-        """Claim one ready run of the saga and advance it; None if none was ready."""
-        lease = await self.claim(conn, binding)
-        return None if lease is None else await self.advance(conn, binding, lease)
 
     async def _redo(
         self,

@@ -95,6 +95,19 @@ class Store:
         row = await conn.fetchrow(self.sql["claim"], saga, count_up_to, accepted, starts_new)
         return None if row is None else from_row(Claimed, row, self.sql["claim"])
 
+    async def claim_priority(
+        self,
+        conn: Connection,
+        saga: str,
+        count_up_to: int,
+        accepted: Sequence[str],
+        starts_new: bool,
+    ) -> Claimed | None:
+        """Like `claim`, taking the highest-priority ready run (None if no run has one)."""
+        sql = self.sql["claim_priority"]
+        row = await conn.fetchrow(sql, saga, count_up_to, accepted, starts_new)
+        return None if row is None else from_row(Claimed, row, sql)
+
     async def plan_claim(self, conn: Connection) -> None:
         """Have this connection plan `claim` as an index walk (see `plan_by_index` in claim.sql)."""
         await conn.execute(self.sql["plan_by_index"])
@@ -131,6 +144,7 @@ class Store:
             [m.instance for m in messages],
             emitter.lineage,
             [m.key for m in messages],
+            [m.priority for m in messages],
         )
         inserted = {row[0] for row in rows if row[1] is None}
         return inserted, [(row[0], row[1]) for row in rows if row[1] is not None]
@@ -266,6 +280,7 @@ class Store:
             message.key,
             at,
             after,
+            message.priority,
         )
         assert row is not None
         if not row["inserted"]:

@@ -147,6 +147,16 @@ def waiting_for(rows: Sequence[WaitRow]) -> list[Waiting]:
             last = "never" if since is None else since.isoformat(timespec="seconds")
             kind = "unserved"
             detail = f"no live worker serves saga {row.saga!r} (last served: {last})"
+        elif row.due and row.rate_until is not None:
+            until = row.rate_until
+            kind = "limited"
+            detail = f"waiting for its saga's rate limit (next start at {until.isoformat()})"
+        elif row.due and row.concurrency is not None and row.slots_taken >= row.concurrency:
+            kind = "limited"
+            detail = (
+                f"waiting for its saga's concurrency limit ({row.slots_taken} of "
+                f"{row.concurrency} running)"
+            )
         elif row.due:
             kind, detail = "ready", "ready, waiting for a free worker slot"
         else:

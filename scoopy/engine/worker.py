@@ -26,6 +26,7 @@ import structlog
 
 from .database import Database
 from .faults import connection_lost, gone
+from .limits import Limited
 from .liveness import Liveness
 from .records import AfterCommit, Binding, Lease
 from .runner import Runner
@@ -46,6 +47,8 @@ class ServedSaga:
     active: int = 0
     loop_started: bool = False
     full: bool = False  # a wake-up came while every slot was busy: claim when one frees
+    limited: bool = False  # a claim met the saga's limit: claim again when a step ends
+    at_limit: bool = False  # said so in the log (once per episode)
 
 
 class Worker:
@@ -273,23 +276,37 @@ class Worker:
                     break
                 if claimed is None:
                     break
+                if isinstance(claimed, Limited):
+                    self._limited(served, claimed)
+                    break
                 conn, lease = claimed
+                served.at_limit = False
                 self._enter(served)
                 self._tg.start_soon(self._execute, served, conn, lease)
                 if lease.claimed.ready <= served.active:
                     break  # every ready run is being taken care of: spare an empty claim
 
-    async def _claim(self, served: ServedSaga) -> tuple[Pooled, Lease] | None:
+    async def _claim(self, served: ServedSaga) -> tuple[Pooled, Lease] | Limited | None:
         conn = await self.pool.acquire()
         try:
             lease = await self.runner.claim(conn, served.binding)
         except BaseException:
             await self._release(conn, dirty=False)
             raise
-        if lease is None:
+        if not isinstance(lease, Lease):
             await self._release(conn, dirty=False)
-            return None
+            return lease
         return conn, lease
+
+    def _limited(self, served: ServedSaga, limited: Limited) -> None:
+        """The saga is at a limit: look again when it may have eased (or a step here ends)."""
+        served.limited = True
+        self.wake_in(limited.wait)
+        if not served.at_limit:
+            served.at_limit = True
+            log.info(
+                "saga at its limit; runs wait", saga=served.binding.saga.name, limit=limited.reason
+            )
 
     async def _execute(self, served: ServedSaga, conn: Pooled, lease: Lease | None) -> None:
         """Advance a claimed run, then keep claiming on this connection while work remains.
@@ -298,8 +315,11 @@ class Worker:
         """
         advanced = None
 
+        # A rate's start is taken before the claim's transaction begins: no handover.
+        handover = served.binding.saga.rate is None
+
         def more(done: AfterCommit) -> bool:
-            return not self.stopping and (done.again or done.ready > served.active)
+            return handover and not self.stopping and (done.again or done.ready > served.active)
 
         try:
             while lease is not None:
@@ -313,7 +333,11 @@ class Worker:
                     await self._release(conn, dirty=True)
                     conn = await self.pool.acquire()
                     advanced = None
-                lease = await self.runner.claim(conn, served.binding, next_tx)
+                claimed = await self.runner.claim(conn, served.binding, next_tx)
+                if isinstance(claimed, Limited):
+                    self._limited(served, claimed)
+                    break
+                lease = claimed
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
@@ -355,8 +379,8 @@ class Worker:
             self._idle = anyio.Event()
 
     def _leave(self, served: ServedSaga) -> None:
-        if served.full:
-            served.full = False
+        if served.full or served.limited:
+            served.full = served.limited = False
             served.wake.set()
         served.active -= 1
         self._busy -= 1

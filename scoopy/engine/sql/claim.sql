@@ -29,6 +29,12 @@ SELECT r.id, r.root_id, r.message_id, r.saga, r.parent_id, r.lineage, r.status,
                                LIMIT $2) AS x) AS ready
   FROM r LEFT JOIN {q}.message m ON m.id = r.message_id
 
+-- name: _claimable
+-- Due, fit for this worker's definition, its saga not paused.
+ready_at <= clock_timestamp()
+       AND (prefix IS NULL AND $4 OR prefix = ANY ($3::text[]))
+       AND NOT EXISTS (SELECT 1 FROM {q}.paused_saga p WHERE p.saga = $1)
+
 -- name: claim
 -- The oldest ready run of saga $1 that this worker's definition of the saga may advance
 -- (one whose prefix is among $3: see engine/definition.py; or, with $4, one not started
@@ -36,9 +42,7 @@ SELECT r.id, r.root_id, r.message_id, r.saga, r.parent_id, r.lineage, r.status,
 WITH r AS (
     SELECT {_run_columns}
       FROM {q}.run
-    WHERE saga = $1 AND ready_at <= clock_timestamp()
-       AND (prefix IS NULL AND $4 OR prefix = ANY ($3::text[]))
-       AND NOT EXISTS (SELECT 1 FROM {q}.paused_saga p WHERE p.saga = $1)
+    WHERE saga = $1 AND {_claimable}
      ORDER BY ready_at
      LIMIT 1
        FOR UPDATE SKIP LOCKED

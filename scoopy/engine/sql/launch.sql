@@ -5,8 +5,8 @@
 -- seconds from now. With a key ($8) that exists already nothing is inserted and `existing`
 -- is that key's message (NULL while the launch holding the key has not committed).
 WITH m AS (
-    INSERT INTO {q}.message (id, root_id, topic, payload, context, key)
-    VALUES ($1, $1, $2, $3::jsonb, $4::jsonb, $8)
+    INSERT INTO {q}.message (id, root_id, topic, payload, context, key, priority)
+    VALUES ($1, $1, $2, $3::jsonb, $4::jsonb, $8, $11)
     ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING
     RETURNING id, topic, context
 ), ev AS (
@@ -22,8 +22,8 @@ WITH m AS (
       FROM m JOIN {q}.subscription s ON s.topic = m.topic
 ), r AS (
     INSERT INTO {q}.run (id, root_id, message_id, saga, lineage, context, ready_at,
-                         state)
-    SELECT x.id, $1, $1, x.saga, ARRAY[$1::uuid, x.id], x.context, due.at,
+                         priority, state)
+    SELECT x.id, $1, $1, x.saga, ARRAY[$1::uuid, x.id], x.context, due.at, $11,
            CASE WHEN due.at > clock_timestamp()
                 THEN jsonb_build_object('resume_at', due.at) ELSE '{}' END
       FROM x, due

@@ -134,7 +134,17 @@ SELECT r.id, r.saga, r.status, r.held, r.pending, r.ready_at, r.resume_at,
        (SELECT max(COALESCE(s.served_at, s.created_at)) FROM {q}.subscription s
          WHERE s.saga = r.saga) AS last_served,
        (SELECT a.application_name FROM pg_stat_activity a
-         WHERE a.backend_xid = r.xmax LIMIT 1) AS running_on
+         WHERE a.backend_xid = r.xmax LIMIT 1) AS running_on,
+       (SELECT max((s.value->'limits'->>'concurrency')::int)
+          FROM {q}.worker w CROSS JOIN LATERAL jsonb_each(w.sagas) AS s(key, value)
+         WHERE s.key = r.saga AND w.stopped_at IS NULL
+           AND w.heartbeat_at > clock_timestamp() - make_interval(secs => $2)) AS concurrency,
+       (SELECT count(*) FROM pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+           AND l.classid::bigint
+               = hashtext('scoopy.limit:{schema}:' || r.saga)::bigint & 4294967295) AS slots_taken,
+       (SELECT rl.tat FROM {q}.rate_limit rl
+         WHERE rl.saga = r.saga AND rl.tat > clock_timestamp()) AS rate_until
   FROM {q}.run r
  WHERE r.root_id = $1 AND r.status IN ('pending', 'active')
  ORDER BY r.created_at, r.id

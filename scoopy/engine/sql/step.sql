@@ -6,23 +6,23 @@
 -- write). A message whose key exists already is not inserted and starts nothing.
 WITH m AS (
     INSERT INTO {q}.message (id, root_id, topic, payload, context, parent_run_id,
-                             parent_instance, key)
+                             parent_instance, key, priority)
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::jsonb[],
-                         $6::uuid[], $7::int[], $9::text[])
+                         $6::uuid[], $7::int[], $9::text[], $10::int[])
     ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING
-    RETURNING id, root_id, topic, context, parent_run_id, parent_instance
+    RETURNING id, root_id, topic, context, parent_run_id, parent_instance, priority
 ), x AS (
     SELECT gen_random_uuid() AS id, m.id AS message_id, m.root_id, m.context,
-           m.parent_run_id, m.parent_instance, s.saga
+           m.parent_run_id, m.parent_instance, m.priority, s.saga
       FROM m JOIN {q}.subscription s ON s.topic = m.topic
 ), r AS (
     INSERT INTO {q}.run (id, root_id, message_id, saga, parent_id, parent_instance,
-                         parent_wait, awaited, lineage, context, ready_at)
+                         parent_wait, awaited, lineage, context, ready_at, priority)
     SELECT x.id, x.root_id, x.message_id, x.saga, x.parent_run_id, x.parent_instance,
            x.parent_instance, x.parent_run_id IS NOT NULL,
            CASE WHEN x.parent_run_id IS NULL THEN ARRAY[x.root_id, x.id]
                 ELSE $8::uuid[] || x.id END,
-           x.context, clock_timestamp()
+           x.context, clock_timestamp(), x.priority
       FROM x
     RETURNING message_id, saga
 )
