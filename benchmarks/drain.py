@@ -30,6 +30,7 @@ from .watch import ChannelWatch
 from .workloads import (
     FLAT,
     ONE_STEP,
+    PACED,
     Shape,
     analyze_schema,
     launch_in_transactions,
@@ -95,6 +96,14 @@ async def one_step(dsn: str, settings: Settings, count: int, postmaster: int | N
     """The scoopy side of the job-queue comparison: one-step roots, one worker process."""
     return await backlog(
         dsn, settings, ONE_STEP, "benchmarks.sagas:one_step_setup", count, 1, postmaster
+    )
+
+
+async def paced(dsn: str, settings: Settings, processes: int, postmaster: int | None) -> Drained:
+    """A saga under a rate limit (`sagas.PACED_RATE`/s) drained by `processes` processes."""
+    count = sagas.PACED_RATE * settings.paced_seconds
+    return await backlog(
+        dsn, settings, PACED, "benchmarks.sagas:paced_setup", count, processes, postmaster
     )
 
 

@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from scoopy import Cooperation, Message, Saga, Scope
+from scoopy import Cooperation, Message, Rate, Saga, Scope
 
 FANOUT = 4
 DEPTH = 5
@@ -41,6 +41,22 @@ def one_step(instances: int) -> list[tuple[str, Saga]]:
         return None
 
     return [("one_step", saga)]
+
+
+# The rate-limited workload's limit: well below what one worker drains unlimited, so the
+# figure measures the limiter, not the machine.
+PACED_RATE = 200
+
+
+def paced(instances: int) -> list[tuple[str, Saga]]:
+    """One no-op step under a cluster-wide rate limit of `PACED_RATE` starts a second."""
+    saga = Saga("paced", instances=instances, rate=Rate(PACED_RATE, per=1.0))
+
+    @saga.step()
+    async def work(scope: Scope, message: Message[Any]) -> None:
+        return None
+
+    return [("paced", saga)]
 
 
 def fanout(instances: int) -> list[tuple[str, Saga]]:
@@ -177,6 +193,10 @@ def memory_setup(coop: Cooperation) -> None:
 
 def one_step_setup(coop: Cooperation) -> None:
     subscribe(coop, one_step(_instances()))
+
+
+def paced_setup(coop: Cooperation) -> None:
+    subscribe(coop, paced(_instances()))
 
 
 def flat_setup(coop: Cooperation) -> None:

@@ -18,6 +18,7 @@ WORKLOADS = (
     "pgqueuer",
     "procrastinate",
     "workers",
+    "limits",
     "memory",
     "idle",
     "roundtrips",
@@ -56,6 +57,8 @@ class Settings:
     pgqueuer_managers: int = 1
     pgqueuer_max_concurrent: int = 0  # per manager; 0: no cap
     worker_processes: tuple[int, ...] = (1, 2, 4)
+    paced_seconds: int = 10  # the rate-limited saga's backlog lasts this long at its limit
+    paced_processes: int = 2
     memory_runs: int = 10_000
     idle_sagas: int = 20
     idle_polls: int = 10  # the idle window spans this many of the worker's poll cycles
@@ -83,6 +86,7 @@ QUICK = {
     "peer_jobs": 3_000,
     "procrastinate_jobs": 500,
     "idle_polls": 5,
+    "paced_seconds": 5,
     "roundtrip_roots": 100,
 }
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from . import accounting, ceiling, dbos_bench, drain, history, peers, procs, workloads
+from . import accounting, ceiling, dbos_bench, drain, history, peers, procs, sagas, workloads
 from .machine import CpuMeter
 from .pg import fresh_schema, postmaster
 from .report import NOT_RUN, Figure, Target, median, package_version
@@ -45,6 +45,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "procrastinate_per_s": ("procrastinate",),
     "scoopy_vs_procrastinate": ("procrastinate",),
     "flat_processes_1_steps_per_s": ("workers",),
+    "rate_limit_error": ("limits",),
     "worker_rss_mb": ("memory",),
     "idle_queries_per_s": ("idle",),
 }
@@ -113,6 +114,7 @@ class Suite:
             ("wakeup", self.wakeup),
             ("dbos", self.dbos),
             ("workers", self.workers),
+            ("limits", self.limits),
             ("memory", self.memory),
             ("idle", self.idle),
             ("roundtrips", self.roundtrips),
@@ -561,6 +563,40 @@ class Suite:
                 )
             )
         self.results.details["workers"] = runs
+
+    async def limits(self) -> None:
+        """A rate-limited saga's achieved rate against its limit, across worker processes."""
+        s = self.settings
+        server = await postmaster(self.dsn)
+        rates: list[float] = []
+        for rep in self.reps():
+            label = f"rate-limited saga, {s.paced_processes} processes, rep {rep + 1}"
+            with self.observed(label):
+                done = await drain.paced(self.dsn, s, s.paced_processes, server)
+            # n starts spaced 1/limit apart take (n - 1)/limit seconds.
+            rates.append((done.items - 1) / done.seconds)
+            self.said(label, f"{label}: {rates[-1]:,.1f} starts/s (limit {sagas.PACED_RATE})")
+        self.results.add(
+            Figure(
+                "rate_limited_per_s",
+                f"rate-limited saga (limit {sagas.PACED_RATE}/s)",
+                "starts/s",
+                median(rates),
+                rates,
+                note=f"{s.paced_processes} worker processes",
+            )
+        )
+        errors = [abs(rate / sagas.PACED_RATE - 1) for rate in rates]
+        self.results.add(
+            Figure(
+                "rate_limit_error",
+                "|achieved / limit - 1|",
+                "ratio",
+                median(errors),
+                errors,
+                Target("max", 0.05),
+            )
+        )
 
     async def memory(self) -> None:
         peaks: list[float] = []

@@ -253,6 +253,7 @@ class Shape:
 
 FLAT = Shape(sagas.flat, "flat", "flat", runs_each=1, steps_each=2)
 ONE_STEP = Shape(sagas.one_step, "one_step", "one_step", runs_each=1, steps_each=1)
+PACED = Shape(sagas.paced, "paced", "paced", runs_each=1, steps_each=1)
 FANOUT = Shape(
     sagas.fanout, "fan_root", "fan_root", runs_each=1 + sagas.FANOUT, steps_each=1 + sagas.FANOUT
 )
