@@ -9,19 +9,21 @@ SELECT s FROM generate_series(0, $2 - 1) AS s
 
 -- name: take_token
 -- A start of saga $1 under its rate limit (one per $2 seconds), taken in a transaction of its
--- own so that no step holds the row: `taken`, or else how long until the next is free. A
--- start may come one interval early (the tolerance): a claim that arrives a little late
--- then costs the schedule nothing, and no window of one period holds more than one extra.
+-- own so that no step holds the row: `taken`, or else how long until the next is free.
+-- Starts keep to a grid $2 apart and never come early; one that comes less than half an
+-- interval late keeps its slot on the grid (a claim's latency costs the rate nothing), while
+-- after a longer pause the grid starts again from now (no burst to catch up).
 WITH up AS (
     INSERT INTO {q}.rate_limit AS r (saga, tat)
     VALUES ($1, clock_timestamp() + make_interval(secs => $2))
     ON CONFLICT (saga) DO UPDATE
-       SET tat = GREATEST(r.tat, clock_timestamp()) + make_interval(secs => $2)
-     WHERE r.tat - make_interval(secs => $2) <= clock_timestamp()
+       SET tat = GREATEST(r.tat, clock_timestamp() - make_interval(secs => $2 / 2))
+                 + make_interval(secs => $2)
+     WHERE r.tat <= clock_timestamp()
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM up) > 0 AS taken,
-       (SELECT EXTRACT(epoch FROM r.tat - make_interval(secs => $2) - clock_timestamp())::float8
+       (SELECT EXTRACT(epoch FROM r.tat - clock_timestamp())::float8
           FROM {q}.rate_limit r WHERE r.saga = $1) AS wait
 
 -- name: refund_token
