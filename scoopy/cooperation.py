@@ -137,6 +137,7 @@ class Cooperation:
         self.worker_id = f"{socket.gethostname()}/{os.getpid()}/{uuid7().hex[-8:]}"
         self.store = Store(self.schema)
         self.topology_store = TopologyStore(self.store)
+        self.control = control.Control(self.store, self.worker_id, listen)
         self.database = Database(
             pool_size=pool_size,
             connect_timeout=connect_timeout,
@@ -521,9 +522,7 @@ class Cooperation:
         """
         target = uuid.UUID(str(run_id))
         async with self.database.connection() as conn:
-            inserted = await control.cancel(
-                self.store, conn, target, reason, source, self.worker_id, self.listen
-            )
+            inserted = await self.control.cancel(conn, target, reason, source)
         if self._worker is not None:
             self._worker.wake_all()
         return inserted
@@ -538,9 +537,7 @@ class Cooperation:
         """
         target = uuid.UUID(str(run_id))
         async with self.database.connection() as conn:
-            saga = await control.move(
-                self.store, conn, target, to_step, self.worker_id, self.listen
-            )
+            saga = await self.control.move(conn, target, to_step)
         self._wake(saga)
 
     async def rollback(
@@ -549,9 +546,7 @@ class Cooperation:
         """Undo a finished, committed hierarchy (or one committed run's sub-tree)."""
         target = uuid.UUID(str(run_id))
         async with self.database.connection() as conn:
-            root_id, topic = await control.undo(
-                self.store, conn, target, reason, source, self.worker_id, self.listen
-            )
+            root_id, topic = await self.control.undo(conn, target, reason, source)
         if self._worker is not None:
             self._worker.wake_all()
         # Undoing a sub-tree is waited on by its run: the root itself stays committed.

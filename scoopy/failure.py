@@ -134,7 +134,12 @@ def failure_from_exception(exc: BaseException, source: str) -> CooperationFailur
 class CooperationError(Exception):
     """An exception carrying a `CooperationFailure`; `str()` renders the distributed trace."""
 
+    # The failure's `type` on the wire: "scoopy." and the class name, for every subclass.
     wire_type: ClassVar[str] = "scoopy.CooperationError"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.wire_type = f"scoopy.{cls.__name__}"
 
     def __init__(self, failure: CooperationFailure) -> None:
         super().__init__(failure.message)
@@ -169,55 +174,37 @@ class CooperationError(Exception):
 class ChildRolledBack(CooperationError):
     """A child run failed and rolled back while this run waited for it."""
 
-    wire_type = "scoopy.ChildRolledBack"
-
 
 class ChildRollbackFailed(CooperationError):
     """A child run failed to roll back."""
-
-    wire_type = "scoopy.ChildRollbackFailed"
 
 
 class ParentSaidSo(CooperationError):
     """This run is rolled back because its parent rolled back."""
 
-    wire_type = "scoopy.ParentSaidSo"
-
 
 class GaveUp(CooperationError):
     """The run gave up: cancellation was requested or a deadline passed."""
-
-    wire_type = "scoopy.GaveUp"
 
 
 class CancellationRequested(CooperationError):
     """Someone asked for the hierarchy to be cancelled."""
 
-    wire_type = "scoopy.CancellationRequested"
-
 
 class RollbackRequested(CooperationError):
     """Someone asked for a finished hierarchy to be undone."""
-
-    wire_type = "scoopy.RollbackRequested"
 
 
 class DeadlineMissed(CooperationError):
     """A deadline passed before the run finished."""
 
-    wire_type = "scoopy.DeadlineMissed"
-
 
 class RetriesExhausted(CooperationError):
     """A step failed on every attempt its retry policy allowed; causes hold each attempt."""
 
-    wire_type = "scoopy.RetriesExhausted"
-
 
 class RollbackFailed(CooperationError):
     """A rollback did not complete: causes hold what failed and then the original failure."""
-
-    wire_type = "scoopy.RollbackFailed"
 
 
 _EXCEPTION_TYPES: dict[str, type[CooperationError]] = {

@@ -96,7 +96,7 @@ class Runner:
             return await self.store.claim(conn, *args)
         claimed = None
         if (binding.claims + 1) % FAIR_EVERY:  # every FAIR_EVERYth takes the oldest: none starves
-            claimed = await self.store.claim_priority(conn, *args)
+            claimed = await self.store.claim(conn, *args, by_priority=True)
         if claimed is None:
             claimed = await self.store.claim(conn, *args)
         if claimed is not None:

@@ -8,8 +8,9 @@ No `asyncpg.Record` leaves this module: each method returns plain values or the 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -31,6 +32,17 @@ from .records import (
 )
 
 _events = msgspec.json.Encoder()
+
+
+_decode = msgspec.json.decode
+R = TypeVar("R")
+
+
+def _built(kind: Callable[..., R], row: asyncpg.Record, **decoded: Any) -> R:
+    """A public record from a row whose columns are its fields (JSON ones decoded)."""
+    return kind(
+        **{**row, "lineage": list(row["lineage"]), "failure": _failure(row["failure"]), **decoded}
+    )
 
 
 def _failure(data: str | None) -> CooperationFailure | None:
@@ -89,22 +101,14 @@ class Store:
         count_up_to: int,
         accepted: Sequence[str],
         starts_new: bool,
+        by_priority: bool = False,
     ) -> Claimed | None:
         """Lock the oldest ready run of `saga` whose prefix is `accepted` (or, with
-        `starts_new`, that has not started); also count ready runs, up to `count_up_to`."""
-        row = await conn.fetchrow(self.sql["claim"], saga, count_up_to, accepted, starts_new)
-        return None if row is None else from_row(Claimed, row, self.sql["claim"])
+        `starts_new`, that has not started); also count ready runs, up to `count_up_to`.
 
-    async def claim_priority(
-        self,
-        conn: Connection,
-        saga: str,
-        count_up_to: int,
-        accepted: Sequence[str],
-        starts_new: bool,
-    ) -> Claimed | None:
-        """Like `claim`, taking the highest-priority ready run (None if no run has one)."""
-        sql = self.sql["claim_priority"]
+        `by_priority` takes the highest-priority such run instead (None if none has one).
+        """
+        sql = self.sql["claim_priority"] if by_priority else self.sql["claim"]
         row = await conn.fetchrow(sql, saga, count_up_to, accepted, starts_new)
         return None if row is None else from_row(Claimed, row, sql)
 
@@ -314,24 +318,7 @@ class Store:
     async def events(self, conn: Connection, root_id: uuid.UUID) -> list[Event]:
         rows = await conn.fetch(self.sql["events"], root_id)
         return [
-            Event(
-                seq=row["seq"],
-                type=row["type"],
-                saga=row["saga"],
-                step=row["step"],
-                run_id=row["run_id"],
-                message_id=row["message_id"],
-                root_id=row["root_id"],
-                lineage=list(row["lineage"]),
-                worker=row["worker"],
-                failure=_failure(row["failure"]),
-                context=None if row["context"] is None else msgspec.json.decode(row["context"]),
-                time=row["created_at"],
-                phase=row["phase"],
-                instance=row["instance"],
-                iteration=row["iteration"],
-                handler_iteration=row["handler_iteration"],
-            )
+            _built(Event, row, context=None if row["context"] is None else _decode(row["context"]))
             for row in rows
         ]
 
@@ -339,19 +326,7 @@ class Store:
         """Every run of a hierarchy, oldest first."""
         rows = await conn.fetch(self.sql["runs_of"], root_id)
         return [
-            RunInfo(
-                id=row["id"],
-                saga=row["saga"],
-                parent_id=row["parent_id"],
-                status=row["status"],
-                lineage=list(row["lineage"]),
-                message_id=row["message_id"],
-                created_at=row["created_at"],
-                updated_at=row["updated_at"],
-                failure=_failure(row["failure"]),
-                rollback_failure=_failure(row["rollback_failure"]),
-            )
-            for row in rows
+            _built(RunInfo, row, rollback_failure=_failure(row["rollback_failure"])) for row in rows
         ]
 
     async def poll(

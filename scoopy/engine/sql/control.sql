@@ -33,7 +33,7 @@ SELECT (SELECT count(*) FROM c) AS inserted, (SELECT count(*) FROM ev) AS events
 -- translating its steps by name (engine/definition.py).
 prefix = CASE WHEN r.held IS NOT NULL THEN NULL ELSE r.prefix END, held = NULL
 
--- name: wake_cancelled
+-- name: _wake_cancelled
 WITH w AS (
     UPDATE {q}.run r
        SET ready_at = CASE WHEN r.ready_at IS NULL OR r.ready_at > clock_timestamp()
@@ -41,7 +41,7 @@ WITH w AS (
            {_released}
      WHERE r.id IN (SELECT id FROM {q}.run
                      WHERE root_id = $2 AND $1 = ANY (lineage)
-                       AND status IN ('pending', 'active'))
+                       AND status IN ('pending', 'active') {lock})
        AND r.status IN ('pending', 'active')
     RETURNING r.saga
 ), nt AS (
@@ -49,21 +49,13 @@ WITH w AS (
 )
 SELECT (SELECT count(*) FROM w) AS woken, (SELECT count(*) FROM nt) AS notified
 
+-- name: wake_cancelled
+-- set lock:
+{_wake_cancelled}
+
 -- name: wake_cancelled_unlocked
-WITH w AS (
-    UPDATE {q}.run r
-       SET ready_at = CASE WHEN r.ready_at IS NULL OR r.ready_at > clock_timestamp()
-                           THEN clock_timestamp() ELSE r.ready_at END,
-           {_released}
-     WHERE r.id IN (SELECT id FROM {q}.run
-                     WHERE root_id = $2 AND $1 = ANY (lineage)
-                       AND status IN ('pending', 'active') FOR UPDATE SKIP LOCKED)
-       AND r.status IN ('pending', 'active')
-    RETURNING r.saga
-), nt AS (
-    SELECT pg_notify($3, 'r:' || saga) FROM (SELECT DISTINCT saga FROM w) d WHERE $4
-)
-SELECT (SELECT count(*) FROM w) AS woken, (SELECT count(*) FROM nt) AS notified
+-- set lock: FOR UPDATE SKIP LOCKED
+{_wake_cancelled}
 
 -- name: lock_timeout
 SET LOCAL lock_timeout = '250ms'
