@@ -78,14 +78,16 @@ class Scope:
         services: StepServices,
         handler_iteration: int | None = None,
     ) -> None:
-        self.run_id = run_id
-        self.root_id = root_id
-        self.lineage = lineage
-        self.saga = saga
-        self.step = step
-        self.iteration = iteration
-        self.attempt = attempt
-        self.handler_iteration = handler_iteration
+        # Where the run is in its hierarchy: read-only (seed 004, Security: a run cannot
+        # forge its position), and scoped launches take it from the engine, not from here.
+        self._run_id = run_id
+        self._root_id = root_id
+        self._lineage = tuple(lineage)
+        self._saga = saga
+        self._step = step
+        self._iteration = iteration
+        self._attempt = attempt
+        self._handler_iteration = handler_iteration
         self.context = context
         self.launches: list[NewMessage] = []
         self.resume_at: datetime | None = None  # set by sleep(); the run resumes then
@@ -100,6 +102,45 @@ class Scope:
         self._max_depth = max_depth
         self._max_recursion = max_recursion
         self._services = services
+
+    @property
+    def run_id(self) -> uuid.UUID:
+        """This run's id."""
+        return self._run_id
+
+    @property
+    def root_id(self) -> uuid.UUID:
+        """The id of the hierarchy: its root message."""
+        return self._root_id
+
+    @property
+    def lineage(self) -> tuple[uuid.UUID, ...]:
+        """The root id, then every run id from the root run down to this one."""
+        return self._lineage
+
+    @property
+    def saga(self) -> str:
+        return self._saga
+
+    @property
+    def step(self) -> str:
+        """The step (or "Rollback of <step>") this code runs as."""
+        return self._step
+
+    @property
+    def iteration(self) -> int:
+        """How many times this step ran before in this run (loops: `NextStep.REPEAT`)."""
+        return self._iteration
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first attempt of the step, then 2, 3... under a retry policy."""
+        return self._attempt
+
+    @property
+    def handler_iteration(self) -> int | None:
+        """In an `on_child_failure` handler, how many times it ran before for this step."""
+        return self._handler_iteration
 
     @property
     def connection(self) -> Connection:

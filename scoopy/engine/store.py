@@ -140,7 +140,8 @@ class Store:
         rows = await conn.fetch(
             self.sql["emit"],
             [m.id for m in messages],
-            [m.root_id for m in messages],
+            # A scoped message belongs to its emitter's hierarchy, whatever the scope said.
+            [emitter.root_id if m.scoped else m.root_id for m in messages],
             [m.topic for m in messages],
             [m.payload for m in messages],
             [m.context for m in messages],
