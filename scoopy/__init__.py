@@ -18,6 +18,7 @@ from .errors import (
     SagaDefinitionError,
     SchemaVersionError,
     ScoopyError,
+    UnhandledTopicError,
     WaitTimeout,
 )
 from .failure import (
@@ -90,6 +91,7 @@ __all__ = [
     "SubscriptionInfo",
     "TimeWindow",
     "Topic",
+    "UnhandledTopicError",
     "WaitTimeout",
     "Waiting",
     "current_scope",

@@ -7,6 +7,7 @@ every statement in `engine.store`.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import uuid
@@ -33,7 +34,7 @@ from .engine.store import Store
 from .engine.topology import KnownDefinitions, TopologyStore
 from .engine.waiting import Waiters, Watch, outcome_of, waiting_for
 from .engine.worker import Worker
-from .errors import ScoopyError, WaitTimeout, check_schema
+from .errors import ScoopyError, UnhandledTopicError, WaitTimeout, check_schema
 from .ids import uuid7
 from .message import NewMessage, Topic, as_topic, check_priority
 from .results import Event, Outcome, RunInfo, SubscriptionInfo, Waiting
@@ -313,6 +314,7 @@ class Cooperation:
         at: datetime | None = None,
         after: timedelta | float | None = None,
         priority: int = 0,
+        allow_unhandled: bool = False,
     ) -> RunHandle:
         """Launch a root message and return a handle on the hierarchy it starts.
 
@@ -320,6 +322,10 @@ class Cooperation:
         - `key`: at most one hierarchy per key; a second launch returns the first's handle.
         - `at` / `after`: its runs start at that time (durable; survives restarts).
         - `priority`: sagas that declare `priorities=True` claim higher ones sooner.
+
+        A topic no saga subscribes to in the shared registry raises `UnhandledTopicError`,
+        and nothing is written: runs are created when the message is, so it would never run.
+        `allow_unhandled=True` launches it anyway; its outcome is then "unhandled".
         """
         check_priority(priority)
         resolved = self._topic(topic)
@@ -349,15 +355,25 @@ class Cooperation:
             # This process hears of every finish (its own, and others' by notification):
             # watch before the runs can exist, so no news is missed.
             watch = self.waiters.watch(root)
+        launch = functools.partial(
+            self.store.launch,
+            message=message,
+            worker=self.worker_id,
+            listen=self.listen,
+            at=at,
+            after=delay,
+            allow_unhandled=allow_unhandled,
+        )
         if connection is not None:
-            found, sagas = await self.store.launch(
-                connection, message, self.worker_id, self.listen, at=at, after=delay
-            )
+            launched = await launch(connection)
         else:
             async with self.database.connection() as conn:
-                found, sagas = await self.store.launch(
-                    conn, message, self.worker_id, self.listen, at=at, after=delay
-                )
+                launched = await launch(conn)
+        if launched is None:
+            self.waiters.forget(root)
+            raise await self._unhandled(resolved.name)
+        found, sagas = launched
+        if connection is None:
             if self._worker is not None and (at is not None or delay):
                 due_in = delay or 0.0
                 if at is not None:
@@ -370,6 +386,16 @@ class Cooperation:
             self.waiters.forget(root)
             return RunHandle(self, found, resolved.name)
         return RunHandle(self, root, resolved.name, watch)
+
+    async def _unhandled(self, topic: str) -> UnhandledTopicError:
+        async with self.database.connection() as conn:
+            topics = sorted({each for each, _ in await self.store.subscriptions(conn)})
+        known = ", ".join(repr(t) for t in topics) or "none yet"
+        return UnhandledTopicError(
+            f"no saga subscribes to topic {topic!r}, so nothing would ever run it (topics "
+            f"with subscribers: {known}). Start a worker that serves it first, or pass "
+            "allow_unhandled=True"
+        )
 
     async def schedule(
         self,

@@ -29,6 +29,10 @@ class DatabaseUnavailableError(ScoopyError, ConnectionError):
     """PostgreSQL could not be reached."""
 
 
+class UnhandledTopicError(ScoopyError):
+    """A root launch onto a topic no saga subscribes to: it would never run."""
+
+
 class WaitTimeout(ScoopyError, TimeoutError):
     """A hierarchy did not finish in time; the message says what it still waits for."""
 

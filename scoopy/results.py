@@ -10,7 +10,7 @@ from typing import Any, Literal
 import msgspec
 
 from .failure import CooperationFailure
-from .vocab import Ending, RunStatus
+from .vocab import OutcomeStatus, RunStatus
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,7 +62,7 @@ class Outcome:
     """How a hierarchy ended: every run its root message started has finished."""
 
     id: uuid.UUID
-    status: Ending
+    status: OutcomeStatus
     failure: CooperationFailure | None
     runs: tuple[RunSummary, ...]
 

@@ -18,8 +18,10 @@ else:
     Connection = asyncpg.Connection
 
 RunStatus = Literal["pending", "active", "committed", "rolled_back", "rollback_failed", "skipped"]
-# How a run (or a hierarchy) ended.
+# How a run ended.
 Ending = Literal["committed", "rolled_back", "rollback_failed"]
+# How a hierarchy ended: as its runs did, or "unhandled" when its message started none.
+OutcomeStatus = Literal["committed", "rolled_back", "rollback_failed", "unhandled"]
 Path = Literal["happy", "rollback"]
 
 PENDING: Final = "pending"  # created, no step started yet
@@ -28,6 +30,7 @@ COMMITTED: Final = "committed"
 ROLLED_BACK: Final = "rolled_back"
 ROLLBACK_FAILED: Final = "rollback_failed"
 SKIPPED: Final = "skipped"  # never started, and never will (unsubscribed, parent gave up)
+UNHANDLED: Final = "unhandled"
 
 UNFINISHED: Final = (PENDING, ACTIVE)
 FAILED: Final = (ROLLED_BACK, ROLLBACK_FAILED)

@@ -7,8 +7,9 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import pytest
 
-from scoopy import Cooperation, Message, Saga, Scope, Topic
+from scoopy import Cooperation, CooperationError, Message, Saga, Scope, Topic, UnhandledTopicError
 
 from .helpers import WAIT, both_modes
 from .reading import of_saga, triples
@@ -172,12 +173,16 @@ async def test_messages_nobody_listens_to_do_not_block(
     async with make_coop(listen=listen) as coop:
         coop.subscribe("start", saga)
         outcome = await (await coop.launch("start", {})).wait(timeout=WAIT)
-        nobody = await coop.launch("nobody-listens-either", {})
+        with pytest.raises(UnhandledTopicError, match="nobody-listens-either"):
+            await coop.launch("nobody-listens-either", {})  # from outside: it would never run
+        nobody = await coop.launch("nobody-listens-either", {}, allow_unhandled=True)
         nobody_outcome = await nobody.wait(timeout=WAIT)
 
     assert outcome.status == "committed"
     assert ran == ["shout", "go_on"]
-    assert nobody_outcome.status == "committed" and nobody_outcome.runs == ()
+    assert nobody_outcome.status == "unhandled" and nobody_outcome.runs == ()
+    with pytest.raises(CooperationError, match="nothing ran"):
+        nobody_outcome.raise_for_failure()
 
 
 @both_modes

@@ -33,7 +33,6 @@ from .helpers import ROOT, WAIT, WorkerProcess
 MakeCoop = Callable[..., Cooperation]
 Db: TypeAlias = "asyncpg.Connection[asyncpg.Record]"
 
-DEFECT_2 = "issue 11 defect 2: a launch to a topic nobody subscribes ends committed with no runs"
 NOBODY = r"'nobody'.*subscri|subscri.*'nobody'"
 
 
@@ -41,7 +40,6 @@ async def messages(db: Db) -> int:
     return int(await db.fetchval("SELECT count(*) FROM message"))
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT_2)
 @pytest.mark.parametrize(
     "options",
     [
@@ -61,7 +59,6 @@ async def test_a_launch_to_a_topic_nobody_subscribes_is_refused(
         assert await messages(db) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT_2)
 async def test_a_transactional_launch_to_a_topic_nobody_subscribes_is_refused(
     make_coop: MakeCoop, db: Db
 ) -> None:
@@ -72,7 +69,6 @@ async def test_a_transactional_launch_to_a_topic_nobody_subscribes_is_refused(
         assert await messages(db) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT_2)
 async def test_the_cli_launch_to_a_topic_nobody_subscribes_fails(dsn: str, schema: str) -> None:
     result = await anyio.to_thread.run_sync(
         lambda: subprocess.run(
@@ -86,7 +82,6 @@ async def test_the_cli_launch_to_a_topic_nobody_subscribes_fails(dsn: str, schem
     assert "scoopy: error:" in result.stderr and "'nobody'" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT_2)
 async def test_a_launch_before_the_workers_registered_is_refused_then_works(
     dsn: str, schema: str, make_coop: MakeCoop, db: Db
 ) -> None:

@@ -268,10 +268,13 @@ class Store:
         *,
         at: datetime | None = None,
         after: float | None = None,
-    ) -> tuple[uuid.UUID, list[str]]:
+        allow_unhandled: bool = False,
+    ) -> tuple[uuid.UUID, list[str]] | None:
         """Insert a root message and its runs; return its id and the sagas that got a run.
 
         With a key that exists already nothing is inserted and the existing id is returned.
+        None: no saga subscribes to the topic (and `allow_unhandled` is false): nothing was
+        inserted.
         """
         row = await conn.fetchrow(
             self.sql["launch"],
@@ -286,10 +289,13 @@ class Store:
             at,
             after,
             message.priority,
+            allow_unhandled,
         )
         assert row is not None
         if not row["inserted"]:
             existing = row["existing"]
+            if existing is None and not row["handled"]:
+                return None
             if existing is None:  # the other launch with this key has not committed yet
                 existing = await conn.fetchval(self.sql["message_by_key"], message.key)
             return existing, []

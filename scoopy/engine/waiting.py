@@ -16,7 +16,7 @@ import anyio
 from ..errors import DatabaseUnavailableError
 from ..failure import CooperationError, CooperationFailure
 from ..results import Outcome, RunSummary, Waiting, WaitingKind
-from ..vocab import COMMITTED, ROLLBACK_FAILED, ROLLED_BACK, UNFINISHED, Ending
+from ..vocab import COMMITTED, ROLLBACK_FAILED, ROLLED_BACK, UNFINISHED, UNHANDLED, Ending
 from .records import RunEnding, WaitRow
 
 
@@ -99,6 +99,18 @@ class Waiters:
 
 def outcome_of(root_id: uuid.UUID, runs: Sequence[RunEnding]) -> Outcome | None:
     """The hierarchy's outcome from its root runs, or None while any is unfinished."""
+    if not runs:  # launched with allow_unhandled=True, or before launches were checked
+        return Outcome(
+            root_id,
+            UNHANDLED,
+            CooperationFailure(
+                type="scoopy.Unhandled",
+                message=f"no saga subscribed to the topic of message {root_id} when it was "
+                "launched: nothing ran",
+                source="scoopy",
+            ),
+            (),
+        )
     if any(run.status in UNFINISHED for run in runs):
         return None
     failures: list[CooperationFailure] = []

@@ -3,10 +3,13 @@
 -- name: launch
 -- A root message, its EMITTED event and one run per subscribed saga, due at $9 or $10
 -- seconds from now. With a key ($8) that exists already nothing is inserted and `existing`
--- is that key's message (NULL while the launch holding the key has not committed).
+-- is that key's message (NULL while the launch holding the key has not committed). Unless
+-- $12 allows it, a message no saga subscribes to is not inserted (`handled` is false): it
+-- would start no run, ever.
 WITH m AS (
     INSERT INTO {q}.message (id, root_id, topic, payload, context, key, priority)
-    VALUES ($1, $1, $2, $3::jsonb, $4::jsonb, $8, $11)
+    SELECT $1, $1, $2, $3::jsonb, $4::jsonb, $8, $11
+     WHERE $12 OR EXISTS (SELECT 1 FROM {q}.subscription s WHERE s.topic = $2)
     ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING
     RETURNING id, topic, context
 ), ev AS (
@@ -34,6 +37,7 @@ WITH m AS (
      WHERE $7
 )
 SELECT (SELECT count(*) FROM m) AS inserted, (SELECT count(*) FROM ev) AS events,
+       $12 OR EXISTS (SELECT 1 FROM {q}.subscription s WHERE s.topic = $2) AS handled,
        (SELECT count(*) FROM nt) AS notified,
        ARRAY(SELECT saga FROM r) AS sagas,
        (SELECT id FROM {q}.message WHERE key = $8 AND NOT EXISTS (SELECT 1 FROM m))
